@@ -1,0 +1,80 @@
+"""`train.py --config PATH [dotted.key=value ...]`: config -> process group -> trainer -> outputs."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from byzddp import config as config_mod
+from byzddp.config import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Byzantine-robust distributed training on non-iid data.",
+        epilog="Example: torchrun --nproc_per_node=4 train.py --config configs/default.yaml "
+               "aggregator.name=krum resampling.s=2")
+    parser.add_argument("--config", default=None,
+                        help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def _rank() -> int:
+    import os
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    cfg = config_mod.load(path, args.overrides)
+
+    from byzddp import checkpoint, distributed
+    from byzddp.logging import RunLogger
+    from byzddp.trainer import StopRequested, Trainer
+
+    topo = distributed.setup(cfg)
+    try:
+        run_dir = Path(cfg.log.dir) / config_mod.run_name(cfg)
+        trainer = Trainer(cfg, topo, run_dir)
+        resumed = checkpoint.resume(trainer, run_dir, cfg.train.resume)
+        log = RunLogger(cfg, run_dir, topo.is_server)
+        try:
+            summary = trainer.fit(log)
+        except StopRequested as stop:
+            log.finish(None)
+            if topo.is_server:
+                print(f"byzddp: {stop}; resume with train.resume=auto", file=sys.stderr, flush=True)
+            return 128 + stop.signum
+        summary["config_hash"] = config_mod.config_hash(cfg)
+        summary["resumed_from"] = str(resumed) if resumed else None
+        log.finish(summary)
+        if topo.is_server:
+            print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
+                  f"(mean of last 5 evaluations {summary['final_test_accuracy_last5']:.4f}); "
+                  f"run files in {run_dir}", flush=True)
+        return 0
+    finally:
+        distributed.teardown()
+
+
+@record
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated")
+    try:
+        return run(argv)
+    except ConfigError as e:
+        if _rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

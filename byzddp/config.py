@@ -1,0 +1,306 @@
+"""Typed run configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A config is a tree of dataclasses. `load(path, overrides)` reads a YAML file, applies
+`dotted.key=value` overrides (values parsed as YAML scalars), checks every key and type,
+and runs the cross-field checks. Every problem raises ConfigError with one line that names
+the key and how to fix it; the command-line entry point prints that line and exits 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config or bad input; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist5k"        # mnist5k | mnist | cifar10
+    partition: str = "sorted"       # iid | sorted | dirichlet | two_groups
+    alpha: float = 1.0              # dirichlet concentration
+    root: str = "data"              # where torchvision datasets live
+    download: bool = True           # torchvision datasets: download when missing
+    test_size: int = 1000           # mnist5k: digits held out as the test set
+    byzantine_data: str = "all"     # all: Byzantine workers sample the whole training set (paper)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"               # mlp | cnn | resnet20
+    hidden: List[int] = field(default_factory=lambda: [200])  # mlp hidden sizes
+
+
+@dataclass
+class WorkersConfig:
+    n: int = 10                     # logical workers
+    byzantine: int = 2              # f: declared Byzantine workers (what the rule is told)
+    momentum: float = 0.0           # worker momentum beta: m <- beta m + g
+
+
+@dataclass
+class AggregatorConfig:
+    name: str = "cm"                # mean | krum | multikrum | cm | trimmed_mean | rfa | cclip | bulyan
+    m: Optional[int] = None         # multikrum: how many best-scored to average (default n - f)
+    b: Optional[int] = None         # trimmed_mean: trimmed per side (default f')
+    T: int = 8                      # rfa: smoothed Weiszfeld iterations
+    nu: float = 0.1                 # rfa: smoothing
+    tau: float = 10.0               # cclip: clipping radius
+    L: int = 3                      # cclip: inner iterations
+    allow_unsafe: bool = False      # run even when the rule's requirement on (m, f') fails
+
+
+@dataclass
+class ResamplingConfig:
+    name: str = "s_replacement"     # none | s_replacement | bucketing | with_replacement | fixed_groups | nnm
+    s: int = 2                      # group size
+
+
+@dataclass
+class AttackConfig:
+    name: str = "none"              # none | bitflip | labelflip | gaussian | nm | mimic | mimic2 | alie | ipm | ...
+    count: Optional[int] = None     # real number of attackers (default: workers.byzantine)
+    rotate: bool = False            # draw a new Byzantine set every step
+    sigma: float = 200.0            # gaussian
+    epsilon: float = 0.1            # ipm
+    z: Optional[float] = None       # alie (default from n and f)
+    warmup: int = 1                 # mimic: steps to pick the target
+    delay: int = 10                 # stale: resend the gradient of this many steps ago
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    lr: float = 0.01
+    momentum: float = 0.0           # server SGD momentum
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"   # constant | cosine | step
+    lr_decay_steps: List[int] = field(default_factory=list)  # step schedule milestones
+    lr_decay: float = 0.1           # step schedule factor
+    batch_size: int = 32            # per worker
+    eval_every: int = 30
+    eval_batch_size: int = 1000
+    check_every: int = 50           # replica checksum interval (0: off)
+    checkpoint_every: int = 0       # 0: off
+    keep_checkpoints: int = 3
+    resume: str = "off"             # off | auto | path to a checkpoint
+    device: str = "auto"            # auto | cpu | cuda
+    backend: str = "auto"           # auto | gloo | nccl
+    timeout_s: float = 600.0        # collective timeout
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs"
+    name: Optional[str] = None      # run folder name (derived from the config when absent)
+    wandb: str = "off"              # off | offline | online
+    wandb_project: str = "byzddp"
+    wandb_group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    progress: bool = True           # progress bar on rank 0
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    resampling: ResamplingConfig = field(default_factory=ResamplingConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------- parsing
+
+def _fields(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the annotation `hint`; ints are accepted where floats are."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, List):
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("on", "off", "yes", "no", "true", "false"):
+            return value.lower() in ("on", "yes", "true")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, bool):  # YAML reads `off`/`on` as booleans
+            return "on" if value else "off"
+    raise ConfigError(f"config key {key}: expected {getattr(hint, '__name__', hint)}, "
+                      f"got {value!r}; give a value of that type")
+
+
+def _build(cls, tree: dict, prefix: str):
+    """Build dataclass `cls` from a nested dict, refusing unknown keys."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'}: expected a mapping, got {tree!r}")
+    hints = _fields(cls)
+    kwargs = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(hints)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, hint, full)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' has no '='; write it as dotted.key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{text}' has no key; write it as dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def load(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}; fix its syntax") from None
+    return from_dict(apply_overrides(tree, list(overrides or [])))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    """A short stable digest of the resolved config (log settings excluded)."""
+    tree = to_dict(cfg)
+    tree.pop("log")
+    tree["train"].pop("resume")
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_name(cfg: Config) -> str:
+    if cfg.log.name:
+        return cfg.log.name
+    r = cfg.resampling
+    resampling = "none" if r.name == "none" else f"{r.name}{r.s}"
+    return (f"{cfg.data.dataset}-{cfg.data.partition}-{cfg.model.name}-n{cfg.workers.n}"
+            f"f{cfg.workers.byzantine}-{cfg.aggregator.name}-{resampling}-{cfg.attack.name}"
+            f"-s{cfg.seed}-{config_hash(cfg)}")
+
+
+# ---------------------------------------------------------------------------- validation
+
+DATASETS = ("mnist5k", "mnist", "cifar10")
+PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups")
+MODELS = ("mlp", "cnn", "resnet20")
+
+
+def _choice(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key {key}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"config key {key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that need no data and no process group."""
+    _choice("data.dataset", cfg.data.dataset, DATASETS)
+    _choice("data.partition", cfg.data.partition, PARTITIONS)
+    _choice("model.name", cfg.model.name, MODELS)
+    _choice("log.wandb", cfg.log.wandb, ("off", "offline", "online"))
+    _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "cosine", "step"))
+    _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
+    _choice("train.backend", cfg.train.backend, ("auto", "gloo", "nccl"))
+    _choice("data.byzantine_data", cfg.data.byzantine_data, ("all", "own"))
+    if cfg.data.partition == "dirichlet":
+        _positive("data.alpha", cfg.data.alpha)
+    w = cfg.workers
+    _positive("workers.n", w.n)
+    _positive("workers.byzantine", w.byzantine, zero_ok=True)
+    if 2 * w.byzantine >= w.n:
+        raise ConfigError(f"config key workers.byzantine: f={w.byzantine} needs f < n/2 "
+                          f"(n={w.n}); lower workers.byzantine or raise workers.n")
+    if not 0.0 <= w.momentum < 1.0:
+        raise ConfigError(f"config key workers.momentum: beta must be in [0, 1), got {w.momentum}")
+    t = cfg.train
+    for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "keep_checkpoints"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.lr", t.lr)
+    _positive("train.check_every", t.check_every, zero_ok=True)
+    _positive("train.checkpoint_every", t.checkpoint_every, zero_ok=True)
+    _positive("train.timeout_s", t.timeout_s)
+    _positive("resampling.s", cfg.resampling.s)
+    if cfg.model.name == "resnet20" and cfg.data.dataset != "cifar10":
+        raise ConfigError("config key model.name: resnet20 is for cifar10; set data.dataset=cifar10 "
+                          "or model.name=mlp|cnn")
+    # Rule, pre-aggregation and attack checks live beside their code.
+    from byzddp import attacks, aggregators, resampling
+    resampling.validate(cfg)
+    aggregators.validate(cfg)
+    attacks.validate(cfg)

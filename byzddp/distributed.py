@@ -1,0 +1,91 @@
+"""Process group set-up (torchrun, Slurm's srun, or plain python) and the worker <-> rank map."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from byzddp.config import ConfigError
+
+
+@dataclass
+class Topology:
+    """Where this process sits: its rank, the world, its device and its block of workers."""
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    backend: str          # "gloo", "nccl", or "none" for a single process without a group
+    n: int                # logical workers
+
+    @property
+    def workers(self) -> range:
+        return worker_block(self.rank, self.world, self.n)
+
+    @property
+    def block(self) -> int:
+        """Rows every rank sends: the largest block (smaller blocks are padded)."""
+        return -(-self.n // self.world)
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == 0
+
+
+def worker_block(rank: int, world: int, n: int) -> range:
+    """The contiguous block of logical workers hosted by `rank`, as even as possible.
+
+    The first n % world ranks host one worker more: 10 workers on 4 ranks -> 3, 3, 2, 2.
+    """
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def setup(cfg) -> Topology:
+    """Join the process group described by the environment (torchrun or srun), or run alone."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and _env_int("SLURM_NTASKS", 1) > 1:
+        # `srun python train.py`: one task per rank; MASTER_ADDR/PORT come from the batch script.
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key train.device: cuda asked for but no GPU is visible; use auto or cpu")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+
+    if world > cfg.workers.n:
+        raise ConfigError(f"{world} ranks but workers.n={cfg.workers.n}: every rank needs a worker; "
+                          f"raise workers.n or use fewer processes")
+    backend = cfg.train.backend
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("config key train.backend: nccl needs CUDA devices; use gloo on CPU")
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(seconds=cfg.train.timeout_s),
+                                    device_id=device if use_cuda else None)
+    else:
+        backend = "none"
+    return Topology(rank, world, local_rank, device, backend, cfg.workers.n)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

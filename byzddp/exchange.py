@@ -1,0 +1,84 @@
+"""The collective protocol of the step: every rank's rows go to the server (rank 0), the
+server's aggregate comes back. Also the collectives that omniscient attacks pay for.
+
+Rows are flat tensors: each rank sends one contiguous (block, width) buffer, padded when its
+block of workers is smaller than the largest. With one process every call is local.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from byzddp.distributed import Topology, worker_block
+
+
+class Exchange:
+    def __init__(self, topo: Topology):
+        self.topo = topo
+        # Where each logical worker's row sits in the (world * block) gathered buffer.
+        rows = [r * topo.block + i for r in range(topo.world)
+                for i in range(len(worker_block(r, topo.world, topo.n)))]
+        self.row_of_worker = torch.tensor(rows, device=topo.device)
+        self.padded = topo.world * topo.block != topo.n
+
+    @property
+    def single(self) -> bool:
+        return self.topo.world == 1
+
+    def _in_worker_order(self, stacked: torch.Tensor) -> torch.Tensor:
+        flat = stacked.reshape(-1, stacked.shape[-1])
+        return flat.index_select(0, self.row_of_worker) if self.padded else flat
+
+    def gather(self, rows: torch.Tensor) -> Optional[torch.Tensor]:
+        """(block, width) from every rank -> (n, width) on the server in worker order; None elsewhere."""
+        if self.single:
+            return rows
+        topo = self.topo
+        if topo.is_server:
+            stacked = torch.empty(topo.world, *rows.shape, dtype=rows.dtype, device=rows.device)
+            dist.gather(rows, list(stacked.unbind(0)), dst=0)
+            return self._in_worker_order(stacked)
+        dist.gather(rows, None, dst=0)
+        return None
+
+    def broadcast(self, payload: torch.Tensor) -> torch.Tensor:
+        """The server's payload, in place, on every rank."""
+        if not self.single:
+            dist.broadcast(payload, src=0)
+        return payload
+
+    # -- omniscience: what colluding Byzantine workers learn from honest ones ------------
+
+    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """(block, width) from every rank -> (n, width) on every rank, in worker order."""
+        if self.single:
+            return rows
+        stacked = torch.empty(self.topo.world * rows.shape[0], rows.shape[1],
+                              dtype=rows.dtype, device=rows.device)
+        if hasattr(dist, "all_gather_single"):
+            dist.all_gather_single(stacked, rows)
+        else:
+            dist.all_gather_into_tensor(stacked, rows)
+        return self._in_worker_order(stacked)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.single:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def broadcast_from_worker(self, worker: int, t: torch.Tensor) -> torch.Tensor:
+        """`t` as held by the rank hosting logical `worker`, on every rank."""
+        if not self.single:
+            src = next(r for r in range(self.topo.world) if worker in worker_block(r, self.topo.world, self.topo.n))
+            dist.broadcast(t, src=src)
+        return t
+
+    def all_agree(self, value: torch.Tensor) -> bool:
+        """True when every rank holds the same small integer tensor (the replica checksum)."""
+        if self.single:
+            return True
+        gathered = [torch.empty_like(value) for _ in range(self.topo.world)]
+        dist.all_gather(gathered, value)
+        return all(torch.equal(g, gathered[0]) for g in gathered)

@@ -1,0 +1,107 @@
+"""Models by name: mlp, cnn (the classic PyTorch MNIST CNN of the paper's code), resnet20 (CIFAR)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from byzddp.config import ConfigError
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, hidden: List[int], classes: int):
+        super().__init__()
+        sizes = [in_features, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.out = nn.Linear(sizes[-1], classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.out(x)
+
+
+class MnistCNN(nn.Module):
+    """The network of PyTorch's MNIST example, which the paper's official code trains."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = self.dropout1(x).flatten(1)
+        x = self.dropout2(F.relu(self.fc1(x)))
+        return self.fc2(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = cout - cin   # option A shortcut: subsample and zero-pad channels
+        self.stride = stride
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x
+        if self.stride != 1 or self.pad:
+            short = x[:, :, ::self.stride, ::self.stride]
+            short = F.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + short)
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 for CIFAR (He et al. 2016, section 4.2): 3 stages of 3 blocks, 16/32/64 channels."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        blocks, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def build(cfg, input_shape, classes: int) -> nn.Module:
+    """The model of `cfg.model`, initialised from the run's seed alone."""
+    name = cfg.model.name
+    from byzddp import streams
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(streams.key("model-init", cfg.seed))
+        if name == "mlp":
+            in_features = 1
+            for s in input_shape:
+                in_features *= s
+            return MLP(in_features, list(cfg.model.hidden), classes)
+        if name == "cnn":
+            if tuple(input_shape) != (1, 28, 28):
+                raise ConfigError("model.name=cnn is the MNIST CNN (1x28x28 input); use mlp or resnet20")
+            return MnistCNN(classes)
+        if name == "resnet20":
+            return ResNet20(classes)
+    raise ConfigError(f"config key model.name: unknown model '{name}'")

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from byzddp.config import ConfigError
+from byzddp.config import ConfigError, config_hash
 
 PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
@@ -77,7 +77,10 @@ def read(path: Path, device) -> dict:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest_file.read_text().strip():
         raise ValueError("digest mismatch (truncated or corrupt)")
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"not a plain-data checkpoint: {str(e).splitlines()[0][:200]}") from None
 
 
 def newest_valid(run_dir, device):
@@ -117,5 +120,12 @@ def resume(trainer, run_dir, how: str) -> Optional[Path]:
             state = read(path, trainer.device)
         except ValueError as e:
             raise ConfigError(f"config key train.resume: {path} cannot be used ({e})") from None
+    if state.get("config_hash") != config_hash(trainer.cfg):
+        message = (f"checkpoint {path} was written by another config (hash {state.get('config_hash')}, "
+                   f"this run's is {config_hash(trainer.cfg)})")
+        if how == "auto":
+            raise ConfigError(f"config key train.resume: {message}; use another log.name or remove "
+                              f"{folder(run_dir)}")
+        warnings.warn(f"{message}; loading it as asked by train.resume")
     trainer.load_state_dict(state)
     return path

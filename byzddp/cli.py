@@ -78,3 +78,10 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from byzddp.aggregators import NonFiniteError
+        from byzddp.trainer import CollectiveError
+        if isinstance(e, (CollectiveError, NonFiniteError)):
+            print(f"error: rank {_rank()}: {e}", file=sys.stderr)
+            return 1
+        raise

@@ -79,7 +79,13 @@ def setup(cfg) -> Topology:
         raise ConfigError("config key train.backend: nccl needs CUDA devices; use gloo on CPU")
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=cfg.train.timeout_s),
+            timeout = timedelta(seconds=cfg.train.timeout_s)
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            # After torchrun restarts the group, the store can still hold the old ranks'
+            # addresses; a prefix per attempt keeps the new group from dialling dead ones.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"byzddp/attempt{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                     device_id=device if use_cuda else None)
     else:
         backend = "none"

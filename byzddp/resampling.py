@@ -1,0 +1,256 @@
+"""Pre-aggregation: turn the n workers' vectors into the m vectors a robust rule sees.
+
+`build(name, s=..., f=..., seed=...)` returns a callable: `r(grads, generator)` with grads (n, d)
+returns (outputs (m, d), groups), where groups[j] lists the input rows (with repetition) averaged,
+or for nnm mixed, into output j. The generator is a CPU `torch.Generator` keyed by (seed, step)
+(`byzddp.streams.generator("resampling", seed, step)`): every draw happens on CPU and the
+indices then move to the vectors' device, so every rank and device draws the same groups.
+Groups are returned as CPU LongTensors.
+
+  name              m           f' (Byzantine outputs)  what
+  none              n           f                       the inputs as they are
+  s_replacement     n           s*f                     the paper's Algorithm 2: n outputs, each
+                                                        the mean of s inputs, every input used
+                                                        exactly s times
+  bucketing         ceil(n/s)   f                       a fresh random permutation each step, cut
+                                                        into groups of s (the last may be
+                                                        smaller), each averaged
+  with_replacement  n           s*f (see below)         Algorithm 3: each output the mean of s
+                                                        inputs drawn uniformly with replacement
+  fixed_groups      ceil(n/s)   f                       bucketing with one permutation drawn once
+                                                        from `seed` (appendix D.1; Chen et al.)
+  nnm               n           f                       nearest-neighbour mixing: each vector
+                                                        replaced by the mean of its n-f nearest
+                                                        (itself included; Allouah et al. 2023)
+
+s = 1 makes s_replacement and bucketing a shuffle. f' is capped at m. An output that averages a
+NaN row is NaN: the rule then sees at most f' such rows and copes (`byzddp.aggregators`).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from byzddp import streams
+from byzddp.aggregators import pairwise_squared_distances
+from byzddp.config import ConfigError
+
+NAMES = ("none", "s_replacement", "bucketing", "with_replacement", "fixed_groups", "nnm")
+
+
+def _average_groups(x: Tensor, index: Tensor, sizes: List[int]) -> Tensor:
+    """out[j] = mean of x[index[j, :sizes[j]]]; groups sorted by size, largest first.
+
+    One gather per group slot (s of them, not one per group or worker), summed in a fixed order
+    so the result does not depend on the device's atomics.
+    """
+    m, width = index.shape
+    index = index.to(x.device)
+    out = x.index_select(0, index[:, 0])
+    for k in range(1, width):
+        rows = sum(1 for size in sizes if size > k)  # the groups that have a k-th member
+        out[:rows] += x.index_select(0, index[:rows, k])
+    size = torch.tensor(sizes, dtype=x.dtype, device=x.device)
+    return out / size[:, None]
+
+
+def _cut(perm: Tensor, s: int) -> Tuple[Tensor, List[int]]:
+    """A permutation cut into consecutive groups of s (the last one shorter when s does not
+    divide n), as a padded (ceil(n/s), s) index and the group sizes."""
+    n = perm.numel()
+    m = math.ceil(n / s)
+    sizes = [min(s, n - j * s) for j in range(m)]
+    padded = torch.cat([perm, perm.new_zeros(m * s - n)]).view(m, s)
+    return padded, sizes
+
+
+def _group_list(index: Tensor, sizes: List[int]) -> List[Tensor]:
+    if sizes[-1] == index.shape[1]:
+        return list(index.unbind(0))
+    return [index[j, :size] for j, size in enumerate(sizes)]
+
+
+class Resampler:
+    """`r(grads, generator) -> (outputs, groups)`; see the module docstring."""
+    name = ""
+
+    def __init__(self, s: int = 2, f: int = 0, seed: int = 0) -> None:
+        self.s, self.f, self.seed = s, f, seed
+
+    def num_outputs(self, n: int) -> int:
+        return n
+
+    def byzantine_outputs(self, n: int, f: int) -> int:
+        """An upper bound on the outputs a set of f Byzantine inputs can touch."""
+        return min(f, self.num_outputs(n))
+
+    @torch.no_grad()
+    def __call__(self, grads: Tensor, generator: torch.Generator) -> Tuple[Tensor, List[Tensor]]:
+        if grads.dim() != 2 or grads.shape[0] < 1:
+            raise ValueError(f"resampling {self.name}: expected an (n, d) tensor, got {tuple(grads.shape)}")
+        return self._resample(grads, generator)
+
+    def _resample(self, x: Tensor, g: torch.Generator) -> Tuple[Tensor, List[Tensor]]:
+        index, sizes = self._groups(x.shape[0], g)
+        return _average_groups(x, index, sizes), _group_list(index, sizes)
+
+    def _groups(self, n: int, g: torch.Generator) -> Tuple[Tensor, List[int]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"resampling {self.name} keeps no state, got keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        return f"{self.name}(s={self.s}, f={self.f})"
+
+
+class NoResampling(Resampler):
+    name = "none"
+
+    def _resample(self, x: Tensor, g: torch.Generator) -> Tuple[Tensor, List[Tensor]]:
+        return x, list(torch.arange(x.shape[0]).view(-1, 1))
+
+
+class SReplacement(Resampler):
+    """Algorithm 2: n outputs, each the mean of s inputs, each input used exactly s times.
+
+    The s inputs of each output are drawn without replacement from the multiset holding s copies
+    of every input (one permutation of n*s items, cut into n groups of s). That is the sampling
+    model behind Proposition I: each output has mean mu and variance (n-1)/(sn-1) sigma^2. An
+    output may average two copies of the same input, which Algorithm 2 allows. A Byzantine input
+    reaches at most s outputs, so f' = s*f.
+    """
+    name = "s_replacement"
+
+    def byzantine_outputs(self, n: int, f: int) -> int:
+        return min(self.s * f, n)
+
+    def _groups(self, n: int, g: torch.Generator) -> Tuple[Tensor, List[int]]:
+        items = torch.randperm(n * self.s, generator=g) % n
+        return items.view(n, self.s), [self.s] * n
+
+
+class Bucketing(Resampler):
+    """A fresh random permutation every step, cut into ceil(n/s) buckets of s, each averaged.
+    A Byzantine input is in one bucket only, so the rule is told f unchanged."""
+    name = "bucketing"
+
+    def num_outputs(self, n: int) -> int:
+        return math.ceil(n / self.s)
+
+    def _groups(self, n: int, g: torch.Generator) -> Tuple[Tensor, List[int]]:
+        return _cut(torch.randperm(n, generator=g), self.s)
+
+
+class WithReplacement(Resampler):
+    """Algorithm 3: n outputs, each the mean of s inputs drawn uniformly with replacement.
+
+    Nothing caps how many outputs one input reaches, so no worst-case bound short of n exists.
+    byzantine_outputs returns min(s*f, n), a bound on the expected number of outputs touching a
+    Byzantine input, n(1 - (1-f/n)^s) <= s*f (Bernoulli's inequality), which is what the paper's
+    Lemma 3 gives; a single draw can exceed it.
+    """
+    name = "with_replacement"
+
+    def byzantine_outputs(self, n: int, f: int) -> int:
+        return min(self.s * f, n)
+
+    def _groups(self, n: int, g: torch.Generator) -> Tuple[Tensor, List[int]]:
+        return torch.randint(0, n, (n, self.s), generator=g), [self.s] * n
+
+
+class FixedGroups(Resampler):
+    """Groups of s drawn once (from `seed`, not from the step's generator) and kept for the run:
+    the fixed grouping the paper compares resampling with in appendix D.1."""
+    name = "fixed_groups"
+
+    def __init__(self, s: int = 2, f: int = 0, seed: int = 0) -> None:
+        super().__init__(s, f, seed)
+        self.perm: Optional[Tensor] = None
+
+    def num_outputs(self, n: int) -> int:
+        return math.ceil(n / self.s)
+
+    def _groups(self, n: int, g: torch.Generator) -> Tuple[Tensor, List[int]]:
+        if self.perm is None:
+            self.perm = torch.randperm(n, generator=streams.generator("fixed_groups", self.seed))
+        elif self.perm.numel() != n:
+            raise ValueError(f"resampling fixed_groups: the groups were drawn for {self.perm.numel()} "
+                             f"inputs, got {n}")
+        return _cut(self.perm, self.s)
+
+    def state_dict(self) -> dict:
+        return {} if self.perm is None else {"perm": self.perm.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state) - {"perm"}
+        if unknown:
+            raise ValueError(f"resampling fixed_groups: unknown state keys {sorted(unknown)}")
+        perm = state.get("perm")
+        self.perm = None if perm is None else perm.detach().to("cpu", torch.long).clone()
+
+
+class NearestNeighbourMixing(Resampler):
+    """Each vector replaced by the mean of its n-f nearest vectors (itself included), nearest by
+    Euclidean distance, the lower index first among equal distances. A non-finite row is farthest
+    from every row; it is itself replaced by the mean of n-f finite rows (the lowest indices), so
+    as long as at most f rows are bad no output is non-finite. One (n x n) x (n x d) product."""
+    name = "nnm"
+
+    def _resample(self, x: Tensor, g: torch.Generator) -> Tuple[Tensor, List[Tensor]]:
+        n = x.shape[0]
+        k = n - self.f
+        if k < 1:
+            raise ValueError(f"resampling nnm: f={self.f} leaves no neighbours among {n} rows")
+        dist, good = pairwise_squared_distances(x)
+        key = torch.where(good[:, None], dist, torch.zeros_like(dist))  # a bad row: any good row will do
+        key = key.masked_fill(~good[None, :], math.inf)                 # never mix in a bad row
+        nearest = torch.sort(key, dim=1, stable=True).indices[:, :k]
+        mixing = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+        mixing.scatter_(1, nearest, 1.0)
+        if not bool(good.all()):
+            x = torch.where(good[:, None], x, torch.zeros_like(x))  # 0 * NaN would still be NaN
+        out = (mixing @ x) / k
+        return out, list(nearest.cpu())
+
+
+_CLASSES = {"none": NoResampling, "s_replacement": SReplacement, "bucketing": Bucketing,
+            "with_replacement": WithReplacement, "fixed_groups": FixedGroups, "nnm": NearestNeighbourMixing}
+
+
+def build(name: str, s: int = 2, f: int = 0, seed: int = 0) -> Resampler:
+    """The pre-aggregation `name`: groups of s (ignored by none and nnm), f Byzantine inputs
+    (used by nnm), seed (used by fixed_groups)."""
+    if name not in _CLASSES:
+        raise ConfigError(f"unknown resampling '{name}'; choose one of {', '.join(NAMES)}")
+    for key, value in (("s", s), ("f", f)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "s" else 0):
+            raise ConfigError(f"resampling {name}: {key} must be an integer >= {1 if key == 's' else 0}, "
+                              f"got {value!r}")
+    return _CLASSES[name](s=s, f=f, seed=seed)
+
+
+def from_config(cfg) -> Resampler:
+    return build(cfg.resampling.name, s=cfg.resampling.s, f=cfg.workers.byzantine, seed=cfg.seed)
+
+
+def validate(cfg) -> None:
+    """One-line ConfigError for a pre-aggregation that cannot run on the config's workers."""
+    r, n, f = cfg.resampling, cfg.workers.n, cfg.workers.byzantine
+    if r.name not in _CLASSES:
+        raise ConfigError(f"config key resampling.name: '{r.name}' is not one of {', '.join(NAMES)}")
+    if not isinstance(r.s, int) or r.s < 1:
+        raise ConfigError(f"config key resampling.s: must be an integer >= 1, got {r.s!r}")
+    if r.name in ("s_replacement", "bucketing", "with_replacement", "fixed_groups") and r.s > n:
+        raise ConfigError(f"config key resampling.s: {r.name} groups s={r.s} of the {n} workers "
+                          f"(workers.n); lower resampling.s to at most {n}")
+    if r.name == "nnm" and 2 * f >= n:
+        raise ConfigError(f"config key workers.byzantine: nnm mixes each vector with its n-f nearest "
+                          f"and needs f < n/2, got f={f}, n={n}; lower workers.byzantine")

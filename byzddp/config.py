@@ -74,6 +74,9 @@ class AttackConfig:
     z: Optional[float] = None       # alie (default from n and f)
     warmup: int = 1                 # mimic: steps to pick the target
     delay: int = 10                 # stale: resend the gradient of this many steps ago
+    perturbation: str = "std"       # minmax/minsum: std | unit | sign
+    gamma_init: float = 10.0        # minmax/minsum: first gamma of the binary search
+    gamma_tol: float = 1e-5         # minmax/minsum: binary search stops at this step size
 
 
 @dataclass
@@ -89,8 +92,8 @@ class TrainConfig:
     eval_every: int = 30
     eval_batch_size: int = 1000
     check_every: int = 50           # replica checksum interval (0: off)
-    checkpoint_every: int = 0       # 0: off
-    keep_checkpoints: int = 3
+    checkpoint_every: int = 200     # steps between checkpoints (0: off)
+    keep_checkpoints: int = 2       # the newest, and one to fall back on
     resume: str = "off"             # off | auto | path to a checkpoint
     device: str = "auto"            # auto | cpu | cuda
     backend: str = "auto"           # auto | gloo | nccl
@@ -233,11 +236,16 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Settings that change how a run is operated, never what it computes.
+OPERATIONAL = ("resume", "checkpoint_every", "keep_checkpoints", "check_every", "timeout_s")
+
+
 def config_hash(cfg: Config) -> str:
-    """A short stable digest of the resolved config (log settings excluded)."""
+    """A short stable digest of what the run computes (log and operational settings excluded)."""
     tree = to_dict(cfg)
     tree.pop("log")
-    tree["train"].pop("resume")
+    for key in OPERATIONAL:
+        tree["train"].pop(key)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 

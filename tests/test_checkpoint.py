@@ -13,7 +13,7 @@ import torch
 from helpers import ROOT, TINY, env, free_port, summary, train
 
 # Worker momentum, a stateful rule and an attack: state that a resume must carry.
-STATEFUL = [*TINY, "train.steps=12", "train.checkpoint_every=4", "workers.momentum=0.9",
+STATEFUL = [*TINY, "train.steps=12", "train.checkpoint_every=4", "train.keep_checkpoints=3", "workers.momentum=0.9",
             "aggregator.name=cclip", "attack.name=bitflip", "train.lr_schedule=cosine", "train.momentum=0.5"]
 
 
@@ -111,7 +111,8 @@ def _ranks(launcher):
     return pids
 
 
-LONG = [*TINY, "train.steps=1500", "train.eval_every=50", "train.check_every=50", "workers.momentum=0.9"]
+LONG = [*TINY, "train.steps=1500", "train.eval_every=50", "train.check_every=50", "workers.momentum=0.9",
+        "train.checkpoint_every=0"]
 
 
 @pytest.fixture(scope="module")

@@ -74,3 +74,11 @@ def test_more_ranks_than_workers_is_refused(tmp_path):
     assert proc.returncode != 0
     ours = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert ours and all("workers.n=2" in l for l in ours)
+
+
+def test_config_hash_ignores_how_a_run_is_operated():
+    base = config.load(None, [])
+    same = config.load(None, ["train.checkpoint_every=7", "train.resume=auto", "train.check_every=3",
+                              "train.keep_checkpoints=9", "train.timeout_s=5", "log.wandb=offline"])
+    other = config.load(None, ["train.lr=0.02"])
+    assert config.config_hash(base) == config.config_hash(same) != config.config_hash(other)

@@ -68,6 +68,22 @@ class Exchange:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Coordinate-wise max over ranks, in place (exact in any order: omniscient attacks use it
+        to agree on a common scale before an exact integer sum)."""
+        if not self.single:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def gather_object(self, obj) -> Optional[list]:
+        """One picklable object per rank -> the list in rank order on the server; None elsewhere.
+        For rare, small state (an attack's buffers at a checkpoint), not for the step."""
+        if self.single:
+            return [obj]
+        out = [None] * self.topo.world if self.topo.is_server else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def broadcast_from_worker(self, worker: int, t: torch.Tensor) -> torch.Tensor:
         """`t` as held by the rank hosting logical `worker`, on every rank."""
         if not self.single:

@@ -135,3 +135,27 @@ def test_nan_with_mean_stops_loudly_without_writing_nan_weights(tmp_path, monkey
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     with pytest.raises(aggregators.NonFiniteError, match="step 0"):
         trainer.check_finite()
+
+
+def test_batchnorm_buffers_come_from_the_first_honest_worker(monkeypatch):
+    """resnet20: after a step every replica holds worker 0's running statistics, not a blend."""
+    import copy
+
+    from byzddp import distributed
+    from byzddp.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    tiny = data.Dataset(torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g),
+                        torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g), 10)
+    monkeypatch.setattr(data, "load", lambda cfg: tiny)
+    cfg = config.load(None, ["data.dataset=cifar10", "model.name=resnet20", "workers.n=3", "workers.byzantine=0",
+                             "attack.name=none", "aggregator.name=mean", "resampling.name=none",
+                             "train.batch_size=4", "log.progress=false"])
+    trainer = Trainer(cfg, distributed.setup(cfg))
+    alone = copy.deepcopy(trainer.model).train()
+    x, _ = trainer.data.batch_of(0, 0)
+    with torch.no_grad():
+        alone(x)
+    trainer.train_step()
+    for (name, got), (_, want) in zip(trainer.model.named_buffers(), alone.named_buffers()):
+        assert torch.equal(got, want), name

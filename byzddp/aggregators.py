@@ -559,8 +559,9 @@ def validate(cfg) -> None:
         if holds:
             continue
         msg = (f"aggregator {a.name} needs {condition}, but {seen} the rule sees m={m} vectors with "
-               f"up to f'={fp} Byzantine ({numbers}); {fix or generic}, or set aggregator.allow_unsafe=true")
+               f"up to f'={fp} Byzantine ({numbers})")
         if a.allow_unsafe:
-            warnings.warn(msg, UserWarning, stacklevel=2)
+            warnings.warn(f"{msg}; running outside the rule's guarantee (aggregator.allow_unsafe=true)",
+                          UserWarning, stacklevel=2)
         else:
-            raise ConfigError(msg)
+            raise ConfigError(f"{msg}; {fix or generic}, or set aggregator.allow_unsafe=true")

@@ -22,7 +22,8 @@ def parse_args(argv):
     parser.add_argument("--config", default=None,
                         help="YAML config (default: configs/default.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    return parser.parse_args(argv)
+    # Options and overrides in any order: `train.py a=1 --config x.yaml b=2`.
+    return parser.parse_intermixed_args(argv)
 
 
 def _rank() -> int:
@@ -36,6 +37,9 @@ def run(argv=None) -> int:
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     cfg = config_mod.load(path, args.overrides)
+    # The model's bits depend on the intra-op thread count; the config fixes it, not the launcher.
+    import torch
+    torch.set_num_threads(cfg.train.threads)
 
     from byzddp import checkpoint, distributed
     from byzddp.logging import RunLogger
@@ -55,6 +59,7 @@ def run(argv=None) -> int:
                 print(f"byzddp: {stop}; resume with train.resume=auto", file=sys.stderr, flush=True)
             return 128 + stop.signum
         summary["config_hash"] = config_mod.config_hash(cfg)
+        summary["threads"] = torch.get_num_threads()
         summary["resumed_from"] = str(resumed) if resumed else None
         log.finish(summary)
         if topo.is_server:
@@ -66,9 +71,21 @@ def run(argv=None) -> int:
         distributed.teardown()
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings are sentences for the user: one line, no source location."""
+    if _rank() == 0:
+        print(f"byzddp: warning: {message}", file=sys.stderr, flush=True)
+
+
 @record
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated")
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv) -> int:
     try:
         return run(argv)
     except ConfigError as e:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +100,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     backend: str = "auto"           # auto | gloo | nccl
     timeout_s: float = 600.0        # collective timeout
+    threads: int = 1                # intra-op CPU threads per process (the model's bits depend on it)
 
 
 @dataclass
@@ -125,6 +128,36 @@ class Config:
 
 
 # ---------------------------------------------------------------------------- parsing
+
+class _Loader(yaml.SafeLoader):
+    """YAML as users write it: `1e-3` is a float (YAML 1.1 reads it as a string), and a key
+    given twice in one mapping is an error rather than silently the last one."""
+
+    yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key '{key}' is given twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+# Exponent without a dot (1e-3, 5E4): YAML 1.2 floats that YAML 1.1's resolver misses.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
 
 def _fields(cls) -> dict:
     hints = typing.get_type_hints(cls)
@@ -154,6 +187,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key {key}: must be a finite number, got {value}; give a finite value")
             return float(value)
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -176,7 +211,7 @@ def _build(cls, tree: dict, prefix: str):
             raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(hints)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, f"{full}.")
+            kwargs[key] = _build(hint, {} if value is None else value, f"{full}.")
         else:
             kwargs[key] = _coerce(value, hint, full)
     return cls(**kwargs)
@@ -190,7 +225,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has no key; write it as dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -205,7 +240,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{part}' is not a section")
+                raise ConfigError(f"override '{text}': '{part}' is not a section; check the key's spelling")
             node = child
         node[path[-1]] = value
     return tree
@@ -222,13 +257,27 @@ def load(path: Optional[str | Path] = None, overrides: Optional[list[str]] = Non
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {what}; pass an existing YAML file to --config")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text file; pass a YAML file to --config") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read ({e.strerror}); check its permissions") from None
+        try:
+            tree = _yaml(text)
+        except _DuplicateKey as e:
+            raise ConfigError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config file {path} is not valid YAML{where}; fix its syntax") from None
+        if tree is None:
+            tree = {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} holds a {type(tree).__name__}, not a mapping of "
+                              f"sections; write it like `train: {{steps: 100}}`")
     return from_dict(apply_overrides(tree, list(overrides or [])))
 
 
@@ -237,7 +286,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 # Settings that change how a run is operated, never what it computes.
-OPERATIONAL = ("resume", "checkpoint_every", "keep_checkpoints", "check_every", "timeout_s")
+OPERATIONAL = ("resume", "checkpoint_every", "keep_checkpoints", "check_every", "timeout_s", "threads")
 
 
 def config_hash(cfg: Config) -> str:
@@ -273,7 +322,17 @@ def _choice(key: str, value: str, allowed) -> None:
 
 def _positive(key: str, value, zero_ok: bool = False) -> None:
     if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"config key {key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+        raise ConfigError(f"config key {key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}; "
+                          f"give a {'non-negative' if zero_ok else 'positive'} value")
+
+
+def _name(key: str, value: Optional[str]) -> None:
+    """A folder name, not a path: a run folder must stay inside log.dir."""
+    if not value:
+        return      # absent or empty: the name is derived from the config
+    if value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+        raise ConfigError(f"config key {key}: '{value}' is not a plain folder name; give a name without "
+                          f"'/' or '..' (log.dir says where run folders go)")
 
 
 def validate(cfg: Config) -> None:
@@ -286,8 +345,10 @@ def validate(cfg: Config) -> None:
     _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _choice("train.backend", cfg.train.backend, ("auto", "gloo", "nccl"))
     _choice("data.byzantine_data", cfg.data.byzantine_data, ("all", "own"))
-    if cfg.data.partition == "dirichlet":
-        _positive("data.alpha", cfg.data.alpha)
+    _positive("seed", cfg.seed, zero_ok=True)
+    _positive("data.alpha", cfg.data.alpha)
+    for i, width in enumerate(cfg.model.hidden):
+        _positive(f"model.hidden[{i}]", width)
     w = cfg.workers
     _positive("workers.n", w.n)
     _positive("workers.byzantine", w.byzantine, zero_ok=True)
@@ -297,13 +358,26 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= w.momentum < 1.0:
         raise ConfigError(f"config key workers.momentum: beta must be in [0, 1), got {w.momentum}")
     t = cfg.train
-    for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "keep_checkpoints"):
+    for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "keep_checkpoints", "threads"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.lr", t.lr)
+    if not 0.0 <= t.momentum < 1.0:
+        raise ConfigError(f"config key train.momentum: server momentum must be in [0, 1), got {t.momentum}")
+    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
+    _positive("train.lr_decay", t.lr_decay)
+    for i, milestone in enumerate(t.lr_decay_steps):
+        _positive(f"train.lr_decay_steps[{i}]", milestone)
     _positive("train.check_every", t.check_every, zero_ok=True)
     _positive("train.checkpoint_every", t.checkpoint_every, zero_ok=True)
     _positive("train.timeout_s", t.timeout_s)
+    if t.timeout_s > 7 * 24 * 3600:
+        raise ConfigError(f"config key train.timeout_s: {t.timeout_s:g} s is longer than a week; "
+                          f"give at most 604800")
     _positive("resampling.s", cfg.resampling.s)
+    if cfg.data.dataset == "mnist5k" and not (0 < cfg.data.test_size < 5000 and cfg.data.test_size % 10 == 0):
+        raise ConfigError(f"config key data.test_size: {cfg.data.test_size} must be a multiple of 10 "
+                          f"between 10 and 4990")
+    _name("log.name", cfg.log.name)
     if cfg.model.name == "resnet20" and cfg.data.dataset != "cifar10":
         raise ConfigError("config key model.name: resnet20 is for cifar10; set data.dataset=cifar10 "
                           "or model.name=mlp|cnn")

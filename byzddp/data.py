@@ -102,7 +102,8 @@ def _parse_small_ints(text: bytes) -> np.ndarray:
 
 
 def _missing(name: str, root: str, err: Exception) -> ConfigError:
-    return ConfigError(f"data.dataset={name}: no usable files under {Path(root).resolve()} ({err}); "
+    reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+    return ConfigError(f"data.dataset={name}: no usable files under {Path(root).resolve()} ({reason}); "
                        f"put the dataset there or set data.download=true on a machine with network")
 
 
@@ -111,7 +112,7 @@ def load_mnist(root: str, download: bool = True) -> Dataset:
     try:
         train = torchvision.datasets.MNIST(root, train=True, download=download)
         test = torchvision.datasets.MNIST(root, train=False, download=download)
-    except (RuntimeError, OSError) as e:
+    except Exception as e:  # missing, truncated or garbage files: torchvision raises many kinds
         raise _missing("mnist", root, e) from None
 
     def prep(ds):
@@ -127,7 +128,7 @@ def load_cifar10(root: str, download: bool = True) -> Dataset:
     try:
         train = torchvision.datasets.CIFAR10(root, train=True, download=download)
         test = torchvision.datasets.CIFAR10(root, train=False, download=download)
-    except (RuntimeError, OSError) as e:
+    except Exception as e:  # missing, truncated or garbage files: torchvision raises many kinds
         raise _missing("cifar10", root, e) from None
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)

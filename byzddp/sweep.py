@@ -990,7 +990,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode.add_argument("--list-only", action="store_true", help="write runs.txt and list the runs")
     mode.add_argument("--slurm", action="store_true", help="write runs.txt and print the sbatch command")
     mode.add_argument("--report-only", action="store_true", help="rebuild results and plots only")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)   # options and overrides in any order
     try:
         if args.nproc is not None and args.nproc < 1:
             raise ConfigError(f"--nproc {args.nproc}: give at least 1 process")

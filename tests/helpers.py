@@ -27,14 +27,15 @@ def env() -> dict:
     return e
 
 
-def train(args, nproc: int = 0, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def train(args, nproc: int = 0, timeout: int = 300, check: bool = True,
+          environ: dict = None) -> subprocess.CompletedProcess:
     """Run train.py with `args`; nproc > 0 runs it under torchrun with that many processes."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py", *args]
     else:
         cmd = [sys.executable, "train.py", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=environ or env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -222,3 +222,20 @@ def test_a_collective_failure_names_the_step_as_the_bar_counts():
                            cfg=SimpleNamespace(train=SimpleNamespace(timeout_s=5)))
     with pytest.raises(CollectiveError, match=r"^step 5: "):
         Trainer.guarded_step(fake)
+
+
+# ---------------------------------------------------------------- Ctrl-C outside training
+
+def test_ctrl_c_before_training_is_one_line_and_the_handlers_are_given_back(tmp_path, monkeypatch, capsys):
+    from byzddp import trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    assert run(tmp_path) == 0
+    assert signal.getsignal(signal.SIGINT) is before          # fit's stop handler lives with the run
+    capsys.readouterr()
+    monkeypatch.setattr(trainer.Trainer, "__init__", interrupted)
+    assert run(tmp_path, "seed=3", "log.name=other") == 128 + signal.SIGINT
+    assert "interrupted" in one_error_line(capsys.readouterr().err)

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -74,13 +75,18 @@ class RunFolder:
                               f"({e.strerror or e}); set log.dir to a writable folder") from None
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             self.lock.seek(0)
             holder = self.lock.read().strip()
             self.close()
             raise ConfigError(f"config key log.name: the run folder {self.run_dir} is in use by another "
                               f"run{f' (process {holder})' if holder else ''}; wait for it to end, "
                               f"or use another log.name") from None
+        except OSError as e:
+            # Some shared filesystems have no locks (Lustre mounted without flock, old NFS):
+            # the run goes on, only unguarded against a second live run.
+            warnings.warn(f"cannot lock {self.run_dir / LOCK} ({e.strerror or e}); a second run in "
+                          f"this folder at the same time would not be stopped")
         self.lock.seek(0)
         self.lock.truncate()
         self.lock.write(f"{os.getpid()}\n")

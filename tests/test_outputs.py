@@ -239,3 +239,15 @@ def test_ctrl_c_before_training_is_one_line_and_the_handlers_are_given_back(tmp_
     monkeypatch.setattr(trainer.Trainer, "__init__", interrupted)
     assert run(tmp_path, "seed=3", "log.name=other") == 128 + signal.SIGINT
     assert "interrupted" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_filesystem_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .*No locks available"):
+        assert run(tmp_path) == 0
+    assert (tmp_path / "r" / "summary.json").exists()

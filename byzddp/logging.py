@@ -33,10 +33,6 @@ OWNER, LOCK = "owner.json", ".lock"
 HEARTBEAT_S = 60.0        # without a terminal: a progress line at least this often
 
 
-def write_atomic(path: Path, text: str) -> None:       # kept for callers of the old name
-    io.write_atomic(path, text)
-
-
 def _first_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -87,10 +83,14 @@ class RunFolder:
             # the run goes on, only unguarded against a second live run.
             warnings.warn(f"cannot lock {self.run_dir / LOCK} ({e.strerror or e}); a second run in "
                           f"this folder at the same time would not be stopped")
-        self.lock.seek(0)
-        self.lock.truncate()
-        self.lock.write(f"{os.getpid()}\n")
-        self.lock.flush()
+        else:
+            try:                         # who holds it, for the refusal above in another run
+                self.lock.seek(0)
+                self.lock.truncate()
+                self.lock.write(f"{os.getpid()}\n")
+                self.lock.flush()
+            except OSError:
+                pass
         owner = folder_owner(self.run_dir)
         if owner is not None and owner != mine:
             self.close()
@@ -101,7 +101,6 @@ class RunFolder:
             raise ConfigError(f"config key train.resume: the run folder {self.run_dir} holds a finished run of "
                               f"this config (summary.json); run it again with train.resume=auto, use another "
                               f"log.name, or remove the folder")
-        self.hash = mine
 
     def close(self) -> None:
         if self.lock is not None:

@@ -18,7 +18,7 @@ class OutputError(Exception):
 
 def describe(path, error: OSError) -> str:
     reason = error.strerror or str(error) or type(error).__name__
-    return f"could not write {path}: {reason}; free space or move log.dir"
+    return f"could not write {path}: {reason}; free space or move log.dir to a writable folder"
 
 
 def write_atomic(path: Union[str, Path], data: Union[bytes, str], fsync: bool = False) -> None:

@@ -125,14 +125,15 @@ def test_log_dir_under_a_file_is_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------- full disk, read-only folder
 
-def _fail_on(monkeypatch, name: str, where: str):
-    """Make the os call `where` (replace or fsync) fail with ENOSPC for files named `name`."""
+def _fail_on(monkeypatch, name: str, where: str, code: int = errno.ENOSPC):
+    """Make the os call `where` (replace or fsync) fail with `code` for files named `name`.
+    (Tests run as root, where a chmod'ed folder stays writable: the error is injected.)"""
     real = getattr(os, where)
 
     def failing(*args, **kwargs):
         target = args[1] if where == "replace" else os.readlink(f"/proc/self/fd/{args[0]}")
         if os.path.basename(str(target)).startswith(name):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(io.os, where, failing)
@@ -142,12 +143,15 @@ def _leftovers(run_dir):
     return sorted(p.name for p in run_dir.rglob("*") if ".tmp" in p.name)
 
 
-def test_write_atomic_keeps_the_old_file_and_no_temporary_on_failure(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT])
+def test_write_atomic_keeps_the_old_file_and_no_temporary_on_failure(tmp_path, monkeypatch, code):
     target = tmp_path / "f.json"
     io.write_atomic(target, "old")
-    _fail_on(monkeypatch, "f.json", "replace")
-    with pytest.raises(io.OutputError, match="could not write .*f.json: No space left on device"):
+    _fail_on(monkeypatch, "f.json", "replace", code)
+    with pytest.raises(io.OutputError) as failed:
         io.write_atomic(target, "new")
+    assert str(failed.value) == (f"could not write {target}: {os.strerror(code)}; "
+                                 f"free space or move log.dir to a writable folder")
     assert target.read_text() == "old" and _leftovers(tmp_path) == []
 
 

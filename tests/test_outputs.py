@@ -202,6 +202,17 @@ def test_progress_in_a_log_file_is_plain_lines(tmp_path, capsys):
     assert [l.split(":")[0] for l in err.splitlines() if l.startswith("step ")] == ["step 3/6", "step 6/6"]
 
 
+def test_progress_in_a_log_file_has_a_line_between_evaluations(tmp_path, monkeypatch, capsys):
+    """A slow run still shows a sign of life in a log file (here: every step, interval 0)."""
+    from byzddp import logging
+    monkeypatch.setattr(logging, "HEARTBEAT_S", 0.0)
+    assert run(tmp_path, "log.progress=true") == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("step ")]
+    assert [l.split(":")[0].split(",")[0] for l in lines] == \
+        ["step 1/6", "step 2/6", "step 3/6", "step 3/6", "step 4/6", "step 5/6", "step 6/6", "step 6/6"]
+    assert "step/s" in lines[-1] and "\r" not in "".join(lines)
+
+
 def test_an_error_starts_on_its_own_line_and_names_the_step_as_the_bar_counts(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert run(tmp_path, "log.progress=true", "aggregator.name=mean", "resampling.name=none",

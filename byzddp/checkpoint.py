@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import warnings
 from pathlib import Path
@@ -18,18 +17,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from byzddp import io as run_io
 from byzddp.config import ConfigError, config_hash
 
 PATTERN = re.compile(r"^step_(\d+)\.pt$")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def folder(run_dir) -> Path:
@@ -45,10 +36,17 @@ def save(trainer, run_dir, keep: int = 3) -> Optional[Path]:
     torch.save(_to_cpu(state), buf)
     data = buf.getvalue()
     out = folder(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise run_io.OutputError(run_io.describe(out, e)) from None
     path = out / f"step_{trainer.step}.pt"
-    _atomic_write(path, data)
-    _atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+    run_io.write_atomic(path, data, fsync=True)
+    try:
+        run_io.write_atomic(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest(), fsync=True)
+    except run_io.OutputError:
+        path.unlink(missing_ok=True)     # a checkpoint without its digest is never loaded anyway
+        raise
     for old in sorted(_steps(out))[:-keep]:
         for p in (out / f"step_{old}.pt", out / f"step_{old}.pt.sha256"):
             p.unlink(missing_ok=True)
@@ -69,8 +67,13 @@ def _steps(out: Path):
     return [int(m.group(1)) for p in out.glob("step_*.pt") if (m := PATTERN.match(p.name))]
 
 
+# What Trainer.state_dict() holds; a checkpoint missing any of them cannot be resumed.
+KEYS = ("config_hash", "step", "model", "optimizer", "scheduler", "worker_momentum", "aggregator",
+        "resampler", "attack", "selection_counts", "first_bad_step", "history", "wall_seconds")
+
+
 def read(path: Path, device) -> dict:
-    """Load one checkpoint if its digest matches; raise ValueError otherwise."""
+    """Load one checkpoint if its digest matches and it is whole; raise ValueError otherwise."""
     digest_file = path.with_name(path.name + ".sha256")
     if not digest_file.is_file():
         raise ValueError("no digest file (the write did not finish)")
@@ -78,9 +81,18 @@ def read(path: Path, device) -> dict:
     if hashlib.sha256(data).hexdigest() != digest_file.read_text().strip():
         raise ValueError("digest mismatch (truncated or corrupt)")
     try:
-        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
         raise ValueError(f"not a plain-data checkpoint: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"not a checkpoint: it holds a {type(state).__name__}, not a dict")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise ValueError(f"missing key {', '.join(repr(k) for k in missing)}")
+    named = PATTERN.match(path.name)
+    if named and int(named.group(1)) != state["step"]:
+        raise ValueError(f"it holds step {state['step']} but its name says step {named.group(1)}")
+    return state
 
 
 def newest_valid(run_dir, device):
@@ -98,7 +110,11 @@ def newest_valid(run_dir, device):
 
 
 def resume(trainer, run_dir, how: str) -> Optional[Path]:
-    """Load the checkpoint that `train.resume` names; every rank loads the same one."""
+    """Load the checkpoint that `train.resume` names; every rank loads the same one.
+
+    Everything is checked before anything is loaded: the digest, plain data, every key, the
+    step against the file name, and the config. A checkpoint of another config is refused
+    (its tensors may not even fit this model)."""
     if how == "off":
         return None
     if how == "auto":
@@ -118,14 +134,22 @@ def resume(trainer, run_dir, how: str) -> Optional[Path]:
             raise ConfigError(f"config key train.resume: {path} does not exist; use off, auto or a checkpoint path")
         try:
             state = read(path, trainer.device)
-        except ValueError as e:
-            raise ConfigError(f"config key train.resume: {path} cannot be used ({e})") from None
-    if state.get("config_hash") != config_hash(trainer.cfg):
-        message = (f"checkpoint {path} was written by another config (hash {state.get('config_hash')}, "
-                   f"this run's is {config_hash(trainer.cfg)})")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key train.resume: {path} cannot be used ({e}); use off, auto or "
+                              f"a checkpoint this harness wrote") from None
+    mine = config_hash(trainer.cfg)
+    if state["config_hash"] != mine:
+        message = (f"checkpoint {path} was written by another config (hash {state['config_hash']}, "
+                   f"this run's is {mine})")
         if how == "auto":
             raise ConfigError(f"config key train.resume: {message}; use another log.name or remove "
                               f"{folder(run_dir)}")
-        warnings.warn(f"{message}; loading it as asked by train.resume")
-    trainer.load_state_dict(state)
+        raise ConfigError(f"config key train.resume: {message}; resume it with the config that wrote it, "
+                          f"or set train.resume=off")
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"config key train.resume: {path} does not fit this run "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                          f"use train.resume=off") from None
     return path

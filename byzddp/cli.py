@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -42,12 +43,15 @@ def run(argv=None) -> int:
     torch.set_num_threads(cfg.train.threads)
 
     from byzddp import checkpoint, distributed
-    from byzddp.logging import RunLogger
+    from byzddp.logging import RunLogger, claim
     from byzddp.trainer import StopRequested, Trainer
 
     topo = distributed.setup(cfg)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    folder = log = None
     try:
         run_dir = Path(cfg.log.dir) / config_mod.run_name(cfg)
+        folder = claim(cfg, run_dir, topo)    # one config per folder, one live run at a time
         trainer = Trainer(cfg, topo, run_dir)
         resumed = checkpoint.resume(trainer, run_dir, cfg.train.resume)
         log = RunLogger(cfg, run_dir, topo.is_server)
@@ -68,6 +72,12 @@ def run(argv=None) -> int:
                   f"run files in {run_dir}", flush=True)
         return 0
     finally:
+        if log is not None:
+            log.close()         # end the progress bar's line before any error is printed
+        if folder is not None:
+            folder.close()
+        for sig, handler in handlers.items():   # fit's stop handlers live as long as the run
+            signal.signal(sig, handler)
         distributed.teardown()
 
 
@@ -95,8 +105,17 @@ def _main(argv) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Interrupted outside fit (set-up, data loading), where SIGINT is not a stop request.
+        print(f"error: rank {_rank()}: interrupted outside training; no checkpoint was written",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as e:
         from byzddp.aggregators import NonFiniteError
+        from byzddp.io import OutputError
+        if isinstance(e, OutputError):
+            print(f"error: rank {_rank()}: {e}", file=sys.stderr)
+            return 1
         from byzddp.trainer import CollectiveError
         if isinstance(e, (CollectiveError, NonFiniteError)):
             print(f"error: rank {_rank()}: {e}", file=sys.stderr)

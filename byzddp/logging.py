@@ -1,25 +1,131 @@
-"""What a run leaves behind: config.yaml, metrics.jsonl, summary.json, a progress bar, W&B.
+"""What a run leaves behind: config.yaml, metrics.jsonl, summary.json, progress, W&B; and
+the run folder's rules.
 
-Only rank 0 writes. Files that must never be half-written (config.yaml, summary.json) are
-written to a temporary name and renamed; metrics.jsonl is appended one whole line at a time.
+Only rank 0 writes. Files that must never be half-written (owner.json, config.yaml,
+summary.json) go through byzddp.io.write_atomic; metrics.jsonl is appended one whole line at
+a time. A write that fails (full disk, read-only folder) stops the run with one line.
+
+A run folder belongs to one config: owner.json records the config_hash of the run that
+started there. Another config is refused; the same config may resume there (train.resume),
+or start again if it never finished, but a finished summary.json is never overwritten
+without train.resume. While a run lives, rank 0 holds an exclusive lock on `<run>/.lock`
+(fcntl.flock: the kernel drops it when the process dies, so a killed or preempted job never
+leaves a stale lock), and a second run in the same folder is refused.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from byzddp import config as config_mod
+from byzddp import io
+from byzddp.config import ConfigError
+
+OWNER, LOCK = "owner.json", ".lock"
+HEARTBEAT_S = 60.0        # without a terminal: a progress line at least this often
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def folder_owner(run_dir: Path) -> Optional[str]:
+    """The config_hash a run folder belongs to: owner.json, else a finished summary.json
+    (folders written before owner.json existed); None for a new folder."""
+    for name in (OWNER, "summary.json"):
+        try:
+            found = json.loads((run_dir / name).read_text()).get("config_hash")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if found:
+            return str(found)
+    return None
+
+
+class RunFolder:
+    """Rank 0's claim on `<log.dir>/<name>` for the life of the run; `close()` releases it."""
+
+    def __init__(self, cfg, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.lock = None
+        mine = config_mod.config_hash(cfg)
+        blocker = _first_existing(self.run_dir)
+        if not blocker.is_dir():
+            raise ConfigError(f"config key log.dir: {blocker} is a file, not a folder, so the run folder "
+                              f"{self.run_dir} cannot be made; set log.dir to a folder")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.run_dir / LOCK, "a+")
+        except OSError as e:
+            raise ConfigError(f"config key log.dir: cannot create the run folder {self.run_dir} "
+                              f"({e.strerror or e}); set log.dir to a writable folder") from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            holder = self.lock.read().strip()
+            self.close()
+            raise ConfigError(f"config key log.name: the run folder {self.run_dir} is in use by another "
+                              f"run{f' (process {holder})' if holder else ''}; wait for it to end, "
+                              f"or use another log.name") from None
+        except OSError as e:
+            # Some shared filesystems have no locks (Lustre mounted without flock, old NFS):
+            # the run goes on, only unguarded against a second live run.
+            warnings.warn(f"cannot lock {self.run_dir / LOCK} ({e.strerror or e}); a second run in "
+                          f"this folder at the same time would not be stopped")
+        else:
+            try:                         # who holds it, for the refusal above in another run
+                self.lock.seek(0)
+                self.lock.truncate()
+                self.lock.write(f"{os.getpid()}\n")
+                self.lock.flush()
+            except OSError:
+                pass
+        owner = folder_owner(self.run_dir)
+        if owner is not None and owner != mine:
+            self.close()
+            raise ConfigError(f"config key log.name: the run folder {self.run_dir} belongs to another config "
+                              f"(hash {owner}, this run's is {mine}); use another log.name, or remove the folder")
+        if (self.run_dir / "summary.json").exists() and cfg.train.resume == "off":
+            self.close()
+            raise ConfigError(f"config key train.resume: the run folder {self.run_dir} holds a finished run of "
+                              f"this config (summary.json); run it again with train.resume=auto, use another "
+                              f"log.name, or remove the folder")
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()            # closing the descriptor drops the flock
+            self.lock = None
+
+
+def claim(cfg, run_dir: Path, topo) -> Optional[RunFolder]:
+    """Rank 0 claims the folder; every rank learns whether it may go on (a collective)."""
+    folder, message = None, ""
+    if topo.is_server:
+        try:
+            folder = RunFolder(cfg, run_dir)
+        except ConfigError as e:
+            message = str(e)
+    if topo.world > 1:
+        import torch
+        import torch.distributed as dist
+        refused = torch.tensor([1 if message else 0], device=topo.device)
+        dist.broadcast(refused, src=0)
+        if int(refused) and not message:
+            message = f"rank 0 refused the run folder {run_dir}"
+    if message:
+        raise ConfigError(message)
+    return folder
 
 
 class RunLogger:
@@ -27,6 +133,7 @@ class RunLogger:
         self.cfg, self.run_dir, self.is_writer = cfg, Path(run_dir), is_writer
         self.bar = None
         self.wandb = None
+        self.total, self.first_step, self.began, self.last_line = cfg.train.steps, 0, 0.0, 0.0
 
     def start(self, trainer) -> None:
         if not self.is_writer:
@@ -34,10 +141,11 @@ class RunLogger:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tree = config_mod.to_dict(cfg)
-        write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
+        io.write_atomic(self.run_dir / OWNER, json.dumps({"config_hash": config_mod.config_hash(cfg)}) + "\n")
+        io.write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
         metrics = self.run_dir / "metrics.jsonl"
         # On resume keep exactly the evaluations the checkpoint knows about.
-        write_atomic(metrics, "".join(json.dumps(h) + "\n" for h in trainer.history))
+        io.write_atomic(metrics, "".join(json.dumps(h) + "\n" for h in trainer.history))
         print(f"byzddp: {cfg.data.dataset} ({cfg.data.partition}), {cfg.model.name} with "
               f"{trainer.d:,} parameters, n={cfg.workers.n} workers (f={cfg.workers.byzantine} declared, "
               f"attack {cfg.attack.name}), rule {cfg.aggregator.name} after {cfg.resampling.name}"
@@ -46,40 +154,66 @@ class RunLogger:
               f"batch {cfg.train.batch_size} per worker", file=sys.stderr, flush=True)
         if trainer.step:
             print(f"byzddp: resumed at step {trainer.step}", file=sys.stderr, flush=True)
-        if cfg.log.progress:
+        self.first_step, self.began = trainer.step, time.monotonic()
+        self.last_line = self.began
+        # A live bar on a terminal only; in a log file (Slurm, nohup) carriage returns would
+        # pile up, so plain lines instead: one per evaluation, and one at least every minute.
+        if cfg.log.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
-        if cfg.log.wandb != "off":
-            from byzddp import wandb_log
-            self.wandb = wandb_log.start(tree, self.run_dir, cfg.log.wandb, cfg.log.wandb_project,
+        from byzddp import wandb_log
+        mode = wandb_log.effective_mode(cfg.log.wandb)
+        if mode != "off":
+            self.wandb = wandb_log.start(tree, self.run_dir, mode, cfg.log.wandb_project,
                                          cfg.log.wandb_group, list(cfg.log.tags), self.run_dir.name)
+
+    def _rate(self, step: int) -> str:
+        took = time.monotonic() - self.began
+        done = step - self.first_step
+        if done <= 0 or took <= 0:
+            return ""
+        left = (self.total - step) * took / done
+        return f", {done / took:.1f} step/s, {left:.0f}s left"
 
     def tick(self, step: int) -> None:
         if self.bar is not None:
             self.bar.update(1)
+        elif self.is_writer and self.cfg.log.progress and time.monotonic() - self.last_line >= HEARTBEAT_S:
+            self.last_line = time.monotonic()
+            print(f"step {step}/{self.total}{self._rate(step)}", file=sys.stderr, flush=True)
 
     def metrics(self, record: dict) -> None:
         if not self.is_writer:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        io.append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_accuracy']:.3f}")
-        elif not self.cfg.log.progress:
-            print(f"step {record['step']}: test_accuracy {record['test_accuracy']:.4f} "
-                  f"test_loss {record['test_loss']:.4f} train_loss {record['train_loss']:.4f}",
-                  file=sys.stderr, flush=True)
+        else:
+            self.last_line = time.monotonic()
+            step = record["step"]
+            print(f"step {step}/{self.total}: test_accuracy {record['test_accuracy']:.4f} "
+                  f"test_loss {record['test_loss']:.4f} train_loss {record['train_loss']:.4f}"
+                  f"{self._rate(step) if self.cfg.log.progress else ''}", file=sys.stderr, flush=True)
         if self.wandb is not None:
             from byzddp import wandb_log
             wandb_log.log(self.wandb, record, record["step"])
 
-    def finish(self, summary: Optional[dict]) -> None:
+    def close(self) -> None:
+        """End the bar's line, so that whatever is printed next starts on its own line."""
         if self.bar is not None:
             self.bar.close()
-        if not self.is_writer or summary is None:
+            self.bar = None
+
+    def finish(self, summary: Optional[dict]) -> None:
+        """Write summary.json; None (a stopped run) writes nothing but still closes W&B's run,
+        so that its files are whole and the resumed run continues it."""
+        self.close()
+        if not self.is_writer:
             return
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if summary is not None:
+            io.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.wandb is not None:
             from byzddp import wandb_log
-            wandb_log.finish(self.wandb, summary)
+            handle, self.wandb = self.wandb, None
+            wandb_log.finish(handle, summary or {})

@@ -192,7 +192,7 @@ class Trainer:
             self.train_step()
         except (RuntimeError, dist.DistError) as e:
             raise CollectiveError(
-                f"step {self.step}: a collective failed or timed out after train.timeout_s="
+                f"step {self.step + 1}: a collective failed or timed out after train.timeout_s="
                 f"{self.cfg.train.timeout_s:g}s; a rank is stuck or died ({str(e).splitlines()[0][:200]})") from e
 
     def apply(self, payload: torch.Tensor) -> None:
@@ -225,7 +225,7 @@ class Trainer:
         bad = int(self.first_bad_step)
         if bad >= 0:
             raise aggregators.NonFiniteError(
-                f"the aggregate at step {bad} was not finite (rule {self.cfg.aggregator.name} cannot "
+                f"the aggregate at step {bad + 1} was not finite (rule {self.cfg.aggregator.name} cannot "
                 f"absorb NaN/Inf inputs); the update was not applied; use a robust rule or find the bad worker")
 
     def replicas_agree(self) -> bool:
@@ -308,7 +308,7 @@ class Trainer:
 
     def fit(self, log) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.request_stop)
         log.start(self)
         started = time.perf_counter() - self.wall_seconds   # training time, not set-up

@@ -4,7 +4,12 @@ Logging must never cost a run: when wandb is missing or fails, each function war
 and carries on without it. The one exception is `log.wandb=online` asked for explicitly with
 wandb not installed, which is a configuration error (the user wants something we cannot do).
 `offline` writes the run under `<run_dir>/wandb/` and never touches the network or asks
-for a login; `wandb sync <run_dir>/wandb/offline-run-*` uploads it later.
+for a login; at the end the run's folder and the `wandb sync <folder>` that uploads it are
+printed once.
+
+The mode: `log.wandb` when it is offline or online. Left at off (the default), the
+environment may turn W&B on: WANDB_MODE=offline (or wandb's alias dryrun) or online.
+WANDB_MODE=disabled turns it off whatever log.wandb says (a site's or a CI's switch).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from byzddp import io
 from byzddp.config import ConfigError
 
 MODES = ("off", "offline", "online")
@@ -27,6 +33,16 @@ def _warn(key: str, text: str) -> None:
         print(f"byzddp: W&B {text}; continuing without it", file=sys.stderr, flush=True)
 
 
+def effective_mode(configured: str, environ=None) -> str:
+    """log.wandb, or WANDB_MODE when log.wandb is off (see the module's docstring)."""
+    env = (os.environ if environ is None else environ).get("WANDB_MODE", "").strip().lower()
+    if env == "disabled":
+        return "off"
+    if configured == "off" and env in ("offline", "dryrun", "online"):
+        return "offline" if env == "dryrun" else env
+    return configured
+
+
 def _run_id(cfg_dict: dict, run_dir: Path) -> tuple:
     """A resumed run (train.resume not off) continues its W&B run; a fresh one gets a new id."""
     path = run_dir / ID_FILE
@@ -34,9 +50,7 @@ def _run_id(cfg_dict: dict, run_dir: Path) -> tuple:
     if resuming and path.is_file():
         return path.read_text().strip(), "allow"
     run_id = secrets.token_hex(4)  # W&B ids: short, lowercase letters and digits
-    tmp = path.with_name(f".{ID_FILE}.tmp{os.getpid()}")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    io.write_atomic(path, run_id + "\n")
     return run_id, None
 
 
@@ -93,6 +107,11 @@ def finish(handle: Optional[Any], summary: dict) -> None:
     if handle is None:
         return
     try:
+        offline = handle.settings.mode in ("offline", "dryrun")
+        folder = Path(handle.dir).parent if offline else None   # <run>/wandb/offline-run-*/files
+    except Exception:
+        folder = None
+    try:
         handle.summary.update(dict(summary))
         handle.finish()
     except Exception as e:
@@ -105,3 +124,6 @@ def finish(handle: Optional[Any], summary: dict) -> None:
         wandb.teardown()
     except Exception as e:
         _warn("teardown", f"could not flush its files ({type(e).__name__})")
+    if folder is not None:
+        print(f"byzddp: W&B offline run in {folder}; upload it with: wandb sync {folder}",
+              file=sys.stderr, flush=True)

@@ -122,15 +122,17 @@ def long_reference(tmp_path_factory):
     return summary(logs / "ref")["model_sha256"]
 
 
-def test_sigterm_checkpoints_then_exits_and_the_resume_is_exact(tmp_path, long_reference):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "SIGINT"])
+def test_a_stop_signal_checkpoints_then_exits_and_the_resume_is_exact(tmp_path, long_reference, signum):
+    """SIGTERM (Slurm), SIGUSR1 and SIGINT (Ctrl-C) all stop every rank at one step."""
     args = [*LONG, f"log.dir={tmp_path}", "log.name=sig", "train.resume=auto"]
     proc = _popen(args)
     metrics = tmp_path / "sig" / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, proc)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGUSR1, err[-2000:]
-    assert "resume with train.resume=auto" in err
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "resume with train.resume=auto" in err and "Traceback" not in err
     stopped_at = _checkpoints(tmp_path / "sig")
     assert len(stopped_at) == 1 and 100 <= stopped_at[0] < 1500
     train(args)
@@ -176,3 +178,81 @@ def test_auto_resume_refuses_another_configs_checkpoints(tmp_path, uninterrupted
     proc = train([*STATEFUL, "seed=5", f"log.dir={tmp_path}", "log.name=other", "train.resume=auto"], check=False)
     assert proc.returncode == 2 and "another config" in proc.stderr and "train.resume" in proc.stderr
     assert not (tmp_path / "other" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------- refused before anything loads
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Records every load into a trainer: a refused checkpoint must never be half-loaded."""
+    from byzddp.trainer import Trainer
+    loads = []
+    monkeypatch.setattr(Trainer, "load_state_dict", lambda self, state: loads.append(state))
+    return loads
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _with_digest(path, state):
+    torch.save(state, path)
+    path.with_name(path.name + ".sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest())
+    return path
+
+
+def test_an_explicit_checkpoint_of_another_config_is_refused_before_loading(tmp_path, uninterrupted,
+                                                                             no_loading, capsys):
+    from byzddp import cli
+    path = uninterrupted / "checkpoints" / "step_4.pt"
+    assert cli.main([*STATEFUL, "seed=5", f"log.dir={tmp_path}", f"train.resume={path}"]) == 2
+    line = _error_line(capsys)
+    assert "train.resume" in line and str(path) in line and "another config" in line
+    assert no_loading == []
+
+
+def test_a_checkpoint_missing_a_key_is_one_line_naming_it(tmp_path, uninterrupted, no_loading, capsys):
+    from byzddp import cli
+    state = torch.load(uninterrupted / "checkpoints" / "step_4.pt", weights_only=True)
+    del state["optimizer"]
+    path = _with_digest(tmp_path / "partial.pt", state)
+    assert cli.main([*STATEFUL, f"log.dir={tmp_path}", f"train.resume={path}"]) == 2
+    line = _error_line(capsys)
+    assert "train.resume" in line and "missing key 'optimizer'" in line
+    assert no_loading == []
+
+
+def test_a_checkpoint_whose_step_disagrees_with_its_name_is_refused(tmp_path, uninterrupted, no_loading,
+                                                                     capsys):
+    from byzddp import cli
+    state = torch.load(uninterrupted / "checkpoints" / "step_4.pt", weights_only=True)
+    path = _with_digest(tmp_path / "step_8.pt", state)
+    assert cli.main([*STATEFUL, f"log.dir={tmp_path}", f"train.resume={path}"]) == 2
+    line = _error_line(capsys)
+    assert "train.resume" in line and "step 4" in line and "step 8" in line
+    assert no_loading == []
+
+
+def test_auto_resume_skips_a_checkpoint_whose_step_disagrees_with_its_name(tmp_path, uninterrupted):
+    from byzddp import cli
+    run = tmp_path / "misnamed" / "checkpoints"
+    run.mkdir(parents=True)
+    for name in ("step_4.pt", "step_4.pt.sha256"):
+        shutil.copy(uninterrupted / "checkpoints" / name, run / name)
+    _with_digest(run / "step_8.pt", torch.load(run / "step_4.pt", weights_only=True))
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_8\.pt: it holds step 4"):
+        assert cli.main([*STATEFUL, f"log.dir={tmp_path}", "log.name=misnamed", "train.resume=auto"]) == 0
+    s = summary(tmp_path / "misnamed")
+    assert s["resumed_from"].endswith("step_4.pt")
+    assert s["model_sha256"] == summary(uninterrupted)["model_sha256"]
+
+
+def test_the_keys_checked_are_the_keys_a_trainer_saves():
+    from byzddp import checkpoint, config, distributed
+    from byzddp.trainer import Trainer
+    cfg = config.load(None, STATEFUL)
+    assert set(checkpoint.KEYS) == set(Trainer(cfg, distributed.setup(cfg)).state_dict())

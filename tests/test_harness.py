@@ -133,7 +133,7 @@ def test_nan_with_mean_stops_loudly_without_writing_nan_weights(tmp_path, monkey
     trainer = Trainer(cfg, distributed.setup(cfg))
     trainer.train_step()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    with pytest.raises(aggregators.NonFiniteError, match="step 0"):
+    with pytest.raises(aggregators.NonFiniteError, match="step 1 "):
         trainer.check_finite()
 
 

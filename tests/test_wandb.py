@@ -61,7 +61,7 @@ def wandb_records(path: Path):
         yield record
 
 
-def test_offline_run_writes_config_metrics_and_summary(tmp_path):
+def test_offline_run_writes_config_metrics_and_summary(tmp_path, capsys):
     cfg = {"seed": 3, "aggregator": {"name": "krum", "T": 8}, "train": {"lr": 0.01, "resume": "off"}}
     run_dir = tmp_path / "runs" / "krum-bitflip-seed3"
     handle = wandb_log.start(cfg, run_dir, "offline", "byzddp-test", "fig3", ["rule=krum", "seed=3"],
@@ -74,6 +74,9 @@ def test_offline_run_writes_config_metrics_and_summary(tmp_path):
 
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
+    # Once, at the end: where the offline run is and how to upload it.
+    told = [l for l in capsys.readouterr().err.splitlines() if "wandb sync" in l]
+    assert told == [f"byzddp: W&B offline run in {files[0].parent}; upload it with: wandb sync {files[0].parent}"]
     run_id = (run_dir / wandb_log.ID_FILE).read_text().strip()
     assert files[0].name == f"run-{run_id}.wandb"
     records = list(wandb_records(files[0]))
@@ -162,3 +165,32 @@ def test_a_resumed_run_keeps_its_wandb_id(tmp_path):
     assert wandb_log._run_id({"train": {"resume": "auto"}}, run_dir) == (first, "allow")
     fresh, _ = wandb_log._run_id({"train": {"resume": "off"}}, run_dir)
     assert fresh != first and (run_dir / wandb_log.ID_FILE).read_text().strip() == fresh
+
+
+@pytest.mark.parametrize("configured, wandb_mode, used", [
+    ("off", None, "off"), ("off", "offline", "offline"), ("off", "dryrun", "offline"),
+    ("off", "online", "online"), ("off", "disabled", "off"), ("off", "OFFLINE", "offline"),
+    ("offline", None, "offline"), ("offline", "online", "offline"), ("online", "offline", "online"),
+    ("offline", "disabled", "off"), ("online", "disabled", "off"), ("off", "bogus", "off")])
+def test_log_wandb_wins_unless_left_off_and_wandb_mode_disabled_always_wins(configured, wandb_mode, used):
+    environ = {} if wandb_mode is None else {"WANDB_MODE": wandb_mode}
+    assert wandb_log.effective_mode(configured, environ) == used
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+@pytest.mark.parametrize("wandb_mode, extra, logged", [("offline", [], True), ("disabled", ["log.wandb=offline"], False)])
+def test_train_py_honours_wandb_mode(tmp_path, monkeypatch, capsys, wandb_mode, extra, logged):
+    import signal
+
+    from byzddp import cli
+    from helpers import TINY
+    monkeypatch.setenv("WANDB_MODE", wandb_mode)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        assert cli.main([*TINY, f"log.dir={tmp_path}", "log.name=r", *extra]) == 0
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    runs = list((tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == (1 if logged else 0)
+    assert ("wandb sync" in capsys.readouterr().err) == logged

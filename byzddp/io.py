@@ -1,0 +1,53 @@
+"""Writing run files so that a crash, a full disk or a read-only folder never leaves half a file.
+
+`write_atomic` writes to a temporary name in the same folder and renames it over the target,
+so a reader sees the old file or the new one, never a mix. On any failure the temporary file
+is removed and `OutputError` names the file, the operating system's reason and the fix.
+A leaf module: it imports nothing from byzddp.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+
+class OutputError(Exception):
+    """A run file could not be written (full disk, read-only or missing folder)."""
+
+
+def describe(path, error: OSError) -> str:
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"could not write {path}: {reason}; free space or move log.dir to a writable folder"
+
+
+def write_atomic(path: Union[str, Path], data: Union[bytes, str], fsync: bool = False) -> None:
+    """Replace `path` by `data` in one rename; `fsync` also flushes it to the disk first
+    (checkpoints: a power cut must not leave a renamed but empty file)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    payload = data.encode() if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:     # also KeyboardInterrupt mid-write: no temporary left behind
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise OutputError(describe(path, e)) from None
+        raise
+
+
+def append_line(path: Union[str, Path], line: str) -> None:
+    """Append one whole line (metrics.jsonl); a failure is an OutputError naming the file."""
+    try:
+        with open(path, "a") as fh:
+            fh.write(line if line.endswith("\n") else line + "\n")
+    except OSError as e:
+        raise OutputError(describe(path, e)) from None

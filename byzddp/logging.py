@@ -63,6 +63,7 @@ class RunFolder:
         if not blocker.is_dir():
             raise ConfigError(f"config key log.dir: {blocker} is a file, not a folder, so the run folder "
                               f"{self.run_dir} cannot be made; set log.dir to a folder")
+        self.created = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock = open(self.run_dir / LOCK, "a+")
@@ -103,9 +104,18 @@ class RunFolder:
                               f"log.name, or remove the folder")
 
     def close(self) -> None:
-        if self.lock is not None:
-            self.lock.close()            # closing the descriptor drops the flock
-            self.lock = None
+        if self.lock is None:
+            return
+        if self.created and not (self.run_dir / OWNER).exists():
+            # The run stopped before training began (bad data, a refused checkpoint): leave
+            # no folder behind that holds nothing but our lock.
+            (self.run_dir / LOCK).unlink(missing_ok=True)
+            try:
+                self.run_dir.rmdir()
+            except OSError:
+                pass
+        self.lock.close()                # closing the descriptor drops the flock
+        self.lock = None
 
 
 def claim(cfg, run_dir: Path, topo) -> Optional[RunFolder]:

@@ -144,7 +144,6 @@ class Trainer:
     def worker_rows(self, step: int, byzantine: List[int]) -> None:
         """Fill this rank's rows: each hosted worker's vector, buffers and loss."""
         L = self.layout
-        self.rows.zero_()
         self.model.train()
         jobs = []
         for i, w in enumerate(self.local):
@@ -155,6 +154,10 @@ class Trainer:
             if is_byzantine:
                 y = self.attack.labels(y, self.ds.num_classes)
             jobs.append(workers.Job(i, w, x, y))
+        if self.vectorized is not None and len(jobs) == len(self.local):
+            self.rows[len(jobs):].zero_()       # every local row gets overwritten: zero the padding
+        else:
+            self.rows.zero_()                   # the loop's backward accumulates into the rows
         if jobs:
             self.gradients(jobs, step)
         beta = self.cfg.workers.momentum

@@ -164,7 +164,13 @@ def test_the_chosen_chunk_is_logged_once_at_the_start(tmp_path, capsys):
 def test_auto_chunk_is_a_function_of_the_config_and_bounds_memory():
     assert workers.auto_chunk(10, 1000, 0, 100, "cpu") == 10          # everything fits: all n
     per_worker = 4 * (2 * 10**6 + 3 * 10**6)
-    assert workers.auto_chunk(1000, 10**6, 0, 10**6, "cpu") == workers.CHUNK_BUDGET["cpu"] // per_worker
+    for n in (7, 64, 1000):
+        cap = workers.CHUNK_BUDGET["cpu"] // per_worker
+        chunk = workers.auto_chunk(n, 10**6, 0, 10**6, "cpu")
+        chunks = -(-n // chunk)
+        assert chunk <= cap and chunks == -(-n // cap) and chunks * chunk - n < chunks   # fewest, evenest
+    per_worker = workers.CHUNK_BUDGET["cpu"] // 50                   # 50 fit: 64 -> two chunks of 32
+    assert workers.auto_chunk(64, per_worker // 8, 0, 0, "cpu") == 32
     assert workers.auto_chunk(5, 10**9, 0, 10**9, "cpu") == 1         # never below one worker
     cfg = config.load(None, [*BASE, "model.name=cnn"])
     chunk = {world: Trainer(cfg, distributed.Topology(0, world, 0, torch.device("cpu"), "none", 6)).vectorized.chunk

@@ -104,7 +104,8 @@ class Trainer:
         except workers.Unsupported as e:
             self.notes.append(f"workers computed one by one: {e}")
             return None
-        vec.chunk = w.chunk or workers.auto_chunk(self.n, self.d, self.nb, vec.activations, self.device.type)
+        vec.chunk = w.chunk or workers.auto_chunk(self.n, self.d, self.nb, vec.activations, self.device.type,
+                                                  max(p.numel() for p in self.params))
         how = "workers.chunk" if w.chunk else "auto, workers.chunk sets it"
         self.notes.append(f"workers vectorized with torch.func in chunks of {vec.chunk} ({how})")
         return vec

@@ -33,8 +33,11 @@ from byzddp import streams
 # Bytes of chunk workspace the automatic chunk size aims at (per device type, never per
 # machine or per rank: the chunk must be the same on every rank of a run).
 # On the CPU a large workspace loses to page faults and cache misses (measured: the cnn runs
-# fastest two workers at a time, the mlp 32 to 64).
+# fastest two workers at a time, the mlp about 32). Also on the CPU, one stacked gradient
+# tensor above glibc's largest mmap threshold (32 MiB) is mapped afresh, and page-faulted,
+# at every chunk: the mlp's first layer for 64 workers ran slower than the loop.
 CHUNK_BUDGET = {"cpu": 128 << 20, "cuda": 4 << 30}
+CPU_LARGEST_TENSOR = 32 << 20
 FEATURE_DROPOUT = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}   # batched input dims
 
 
@@ -100,14 +103,17 @@ def probe(model: nn.Module, x: torch.Tensor) -> Tuple[List[DropoutCall], int]:
     return calls, activations[0]
 
 
-def auto_chunk(n: int, d: int, nb: int, activations: int, device_type: str) -> int:
+def auto_chunk(n: int, d: int, nb: int, activations: int, device_type: str, largest: int = 0) -> int:
     """Workers per chunk: all n unless their workspace passes the budget, then the n workers
     cut into the fewest equal chunks that fit (so one rank pads little). Per worker: its
     gradient twice (vmap's output and the row), its buffers, and the forward's activations
-    about three times (kept for backward, their gradients, temporaries); float32."""
+    about three times (kept for backward, their gradients, temporaries); float32. `largest`:
+    the largest parameter's size, bounded on the CPU by CPU_LARGEST_TENSOR per chunk."""
     per_worker = 4 * (2 * d + 2 * nb + 3 * activations)
     budget = CHUNK_BUDGET.get(device_type, CHUNK_BUDGET["cuda"])
     cap = max(1, min(n, budget // max(per_worker, 1)))
+    if device_type == "cpu" and largest:
+        cap = max(1, min(cap, CPU_LARGEST_TENSOR // (4 * largest)))
     return -(-n // -(-n // cap))
 
 

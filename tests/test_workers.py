@@ -12,7 +12,10 @@ from byzddp.layout import RowLayout, Status
 from byzddp.trainer import Trainer
 from helpers import TINY
 
-BASE = [*TINY, "workers.n=6", "workers.byzantine=1", "attack.name=labelflip", "train.batch_size=4"]
+# On the CPU: there the loop's dropout draws (global seed) and the vectorized ones (a generator
+# per worker) are the same kernel, so the cnn can be compared too.
+BASE = [*TINY, "workers.n=6", "workers.byzantine=1", "attack.name=labelflip", "train.batch_size=4",
+        "train.device=cpu"]
 
 
 def tiny_cifar(monkeypatch):
@@ -171,6 +174,9 @@ def test_auto_chunk_is_a_function_of_the_config_and_bounds_memory():
         assert chunk <= cap and chunks == -(-n // cap) and chunks * chunk - n < chunks   # fewest, evenest
     per_worker = workers.CHUNK_BUDGET["cpu"] // 50                   # 50 fit: 64 -> two chunks of 32
     assert workers.auto_chunk(64, per_worker // 8, 0, 0, "cpu") == 32
+    largest = workers.CPU_LARGEST_TENSOR // 4 // 40                 # one parameter: 40 fit on the CPU
+    assert workers.auto_chunk(64, 10, 0, 0, "cpu", largest) == 32
+    assert workers.auto_chunk(64, 10, 0, 0, "cuda", largest) == 64
     assert workers.auto_chunk(5, 10**9, 0, 10**9, "cpu") == 1         # never below one worker
     cfg = config.load(None, [*BASE, "model.name=cnn"])
     chunk = {world: Trainer(cfg, distributed.Topology(0, world, 0, torch.device("cpu"), "none", 6)).vectorized.chunk

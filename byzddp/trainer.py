@@ -165,10 +165,16 @@ class Trainer:
         if self.worker_momentum is not None and jobs:
             # m <- beta m + g for the workers that computed a gradient; elementwise, so the bits
             # are those of one worker at a time.
-            rows = torch.tensor([j.row for j in jobs], device=self.device)
-            m = self.worker_momentum.index_select(0, rows).mul_(beta).add_(self.rows[:, L.vector].index_select(0, rows))
-            self.worker_momentum.index_copy_(0, rows, m)
-            self.rows[:, L.vector].index_copy_(0, rows, m)
+            k = len(jobs)
+            if [j.row for j in jobs] == list(range(k)):
+                m = self.worker_momentum[:k]
+                m.mul_(beta).add_(self.rows[:k, L.vector])
+                self.rows[:k, L.vector].copy_(m)
+            else:
+                rows = torch.tensor([j.row for j in jobs], device=self.device)
+                m = self.worker_momentum.index_select(0, rows).mul_(beta).add_(self.rows[:, L.vector].index_select(0, rows))
+                self.worker_momentum.index_copy_(0, rows, m)
+                self.rows[:, L.vector].index_copy_(0, rows, m)
         self.rows[:len(self.local), L.stop] = float(self.stop_signal)
 
     def gradients(self, jobs: List[workers.Job], step: int) -> None:

@@ -36,7 +36,7 @@ from byzddp import streams
 # fastest two workers at a time, the mlp about 32). Also on the CPU, one stacked gradient
 # tensor above glibc's largest mmap threshold (32 MiB) is mapped afresh, and page-faulted,
 # at every chunk: the mlp's first layer for 64 workers ran slower than the loop.
-CHUNK_BUDGET = {"cpu": 128 << 20, "cuda": 4 << 30}
+CHUNK_BUDGET = {"cpu": 96 << 20, "cuda": 4 << 30}
 CPU_LARGEST_TENSOR = 32 << 20
 FEATURE_DROPOUT = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}   # batched input dims
 

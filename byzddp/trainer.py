@@ -186,7 +186,7 @@ class Trainer:
                                         self.rows[:, L.buffers] if self.nb else None, self.rows[:, L.loss])
                 self._vectorized_ran = True
                 return
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as e:
                 if self._vectorized_ran:

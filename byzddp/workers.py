@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -125,7 +125,6 @@ class VectorizedWorkers:
         self.dropout, self.activations = probe(model, sample)
         self.names = [k for k, _ in model.named_parameters()]
         self.buffer_names = [k for k, _ in model.named_buffers()]
-        self._masks: Optional[List[torch.Tensor]] = None
 
         def loss_of(params, buffers, x, y, masks):
             with self._masked_dropout(masks):
@@ -186,21 +185,26 @@ class VectorizedWorkers:
         c = self.chunk
         for start in range(0, len(jobs), c):
             part = jobs[start:start + c]
-            padded = part + [part[0]] * (c - len(part))       # fixed shapes: pad with repeats
-            x = torch.stack([j.x for j in padded])
-            y = torch.stack([j.y for j in padded])
-            masks = [torch.stack(m) for m in zip(*[self._worker_masks(j.worker, step, x.device) for j in padded])] \
-                if self.dropout else []
-            own = {k: b.unsqueeze(0).expand(c, *b.shape).clone() for k, b in replica.items()}
+            k = len(part)
+            pad = [0] * (c - k)             # fixed shapes: pad with repeats of the first worker
+            x = torch.stack([j.x for j in part] + [part[i].x for i in pad])
+            y = torch.stack([j.y for j in part] + [part[i].y for i in pad])
+            masks = []
+            if self.dropout:
+                drawn = [self._worker_masks(j.worker, step, x.device) for j in part]
+                masks = [torch.stack(m) for m in zip(*drawn, *[drawn[i] for i in pad])]
+            own = {name: b.unsqueeze(0).expand(c, *b.shape).clone() for name, b in replica.items()}
             with torch.enable_grad():
                 g, (loss, after) = self.grads(params, own, x, y, masks)
-            k = len(part)
-            first = part[0].row
-            if [j.row for j in part] == list(range(first, first + k)):
-                put = lambda dst, src: dst[first:first + k].copy_(src)             # noqa: E731
+            rows = [j.row for j in part]
+            if rows == list(range(rows[0], rows[0] + k)):
+                def put(dst, src, lo=rows[0]):
+                    dst[lo:lo + k].copy_(src)
             else:   # some rows skipped (Byzantine workers that need no gradient)
-                rows = torch.tensor([j.row for j in part], device=vectors.device)
-                put = lambda dst, src: dst.index_copy_(0, rows, src.to(dst.dtype))  # noqa: E731
+                index = torch.tensor(rows, device=vectors.device)
+
+                def put(dst, src):
+                    dst.index_copy_(0, index, src.to(dst.dtype))
             offset = 0
             for name in self.names:
                 flat = g[name][:k].reshape(k, -1)

@@ -1,6 +1,5 @@
 """Vectorized workers (byzddp/workers.py) against the loop, the named row layout, the selection
 counts, and the NCCL-per-GPU check."""
-import sys
 
 import pytest
 import torch

@@ -41,6 +41,15 @@ CPU_LARGEST_TENSOR = 32 << 20
 FEATURE_DROPOUT = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}   # batched input dims
 
 
+def feature_noise_shape(kind: type, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The shape of the noise ATen's feature dropout draws for an input of `shape`: one value
+    per (sample, channel). dropout2d takes any input as batched (a 2-d input gets elementwise
+    noise); dropout1d/3d add a batch dimension to an unbatched input (one value per channel)."""
+    if kind is nn.Dropout2d or len(shape) == FEATURE_DROPOUT[kind]:
+        return tuple(shape[:2]) + (1,) * (len(shape) - 2)
+    return tuple(shape[:1]) + (1,) * (len(shape) - 1)
+
+
 @dataclass
 class Job:
     """One worker's gradient to compute: its row, its id (keys its dropout) and its batch."""
@@ -71,9 +80,7 @@ def probe(model: nn.Module, x: torch.Tensor) -> Tuple[List[DropoutCall], int]:
     def on_dropout(module, args):
         inp = args[0]
         if type(module) in FEATURE_DROPOUT:
-            if inp.dim() != FEATURE_DROPOUT[type(module)]:
-                raise Unsupported(f"{type(module).__name__} on a {inp.dim()}-d input")
-            shape = tuple(inp.shape[:2]) + (1,) * (inp.dim() - 2)
+            shape = feature_noise_shape(type(module), tuple(inp.shape))
         else:
             shape = tuple(inp.shape)
         calls.append(DropoutCall(module, shape, float(module.p)))

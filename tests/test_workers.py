@@ -1,6 +1,8 @@
 """Vectorized workers (byzddp/workers.py) against the loop, the named row layout, the selection
 counts, and the NCCL-per-GPU check."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -102,23 +104,30 @@ def test_dropout_masks_are_keyed_by_worker_and_step_and_handle_feature_dropout()
     """Masks from key("dropout", seed, worker, step): equal for the same key, different otherwise;
     nn.Dropout2d draws one value per (sample, channel)."""
     class Net(nn.Module):
+        """Like the paper's official MNIST network: Dropout2d after the convolution and also on
+        the 2-d output of a linear layer (there it is elementwise), plus a plain Dropout."""
+
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(1, 4, 3)
             self.drop2d = nn.Dropout2d(0.5)
             self.fc = nn.Linear(4 * 26 * 26, 10)
+            self.fc_drop2d = nn.Dropout2d(0.3)
             self.drop = nn.Dropout(0.25)
 
         def forward(self, x):
-            return self.drop(self.fc(self.drop2d(self.conv(x)).flatten(1)))
+            return self.drop(self.fc_drop2d(self.fc(self.drop2d(self.conv(x)).flatten(1))))
 
     net = Net()
     vec = workers.VectorizedWorkers(net, 2, seed=7, sample=torch.zeros(5, 1, 28, 28))
-    assert [(type(c.module), c.shape) for c in vec.dropout] == [(nn.Dropout2d, (5, 4, 1, 1)), (nn.Dropout, (5, 10))]
+    assert [(type(c.module), c.shape) for c in vec.dropout] == [
+        (nn.Dropout2d, (5, 4, 1, 1)), (nn.Dropout2d, (5, 10)), (nn.Dropout, (5, 10))]
+    assert workers.feature_noise_shape(nn.Dropout1d, (4, 7)) == (4, 1)          # unbatched (C, L)
+    assert workers.feature_noise_shape(nn.Dropout3d, (2, 4, 3, 3, 3)) == (2, 4, 1, 1, 1)
     a, b, c = (vec._worker_masks(w, t, "cpu") for w, t in ((1, 0), (1, 0), (2, 0)))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0].flatten(), c[0].flatten())
-    assert set(a[0].unique().tolist()) <= {0.0, 2.0} and set(a[1].unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
+    assert set(a[0].unique().tolist()) <= {0.0, 2.0} and set(a[2].unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
     # The vectorized gradient of a feature-dropout net equals the loop's under the same seed.
     x, y = torch.randn(2, 5, 1, 28, 28), torch.randint(0, 10, (2, 5))
     out = torch.zeros(2, sum(p.numel() for p in net.parameters()))
@@ -127,7 +136,9 @@ def test_dropout_masks_are_keyed_by_worker_and_step_and_handle_feature_dropout()
     for i, w in enumerate((1, 2)):
         net.zero_grad()
         torch.manual_seed(streams.key("dropout", 7, w, 0))
-        nn.functional.cross_entropy(net(x[i]), y[i]).backward()
+        with warnings.catch_warnings():     # dropout2d on a 2-d input: deprecated, still elementwise
+            warnings.simplefilter("ignore")
+            nn.functional.cross_entropy(net(x[i]), y[i]).backward()
         assert torch.allclose(out[i], torch.cat([p.grad.reshape(-1) for p in net.parameters()]), atol=1e-6)
 
 

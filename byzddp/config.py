@@ -46,6 +46,8 @@ class WorkersConfig:
     n: int = 10                     # logical workers
     byzantine: int = 2              # f: declared Byzantine workers (what the rule is told)
     momentum: float = 0.0           # worker momentum beta: m <- beta m + g
+    vectorize: bool = True          # a rank's workers' gradients at once (torch.func); false: one by one
+    chunk: Optional[int] = None     # workers per vectorized chunk (default: all n within a memory budget)
 
 
 @dataclass
@@ -357,6 +359,8 @@ def validate(cfg: Config) -> None:
                           f"(n={w.n}); lower workers.byzantine or raise workers.n")
     if not 0.0 <= w.momentum < 1.0:
         raise ConfigError(f"config key workers.momentum: beta must be in [0, 1), got {w.momentum}")
+    if w.chunk is not None:
+        _positive("workers.chunk", w.chunk)
     t = cfg.train
     for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "keep_checkpoints", "threads"):
         _positive(f"train.{key}", getattr(t, key))

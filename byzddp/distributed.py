@@ -63,12 +63,6 @@ def setup(cfg) -> Topology:
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key train.device: cuda asked for but no GPU is visible; use auto or cpu")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-
     if world > cfg.workers.n:
         raise ConfigError(f"{world} ranks but workers.n={cfg.workers.n}: every rank needs a worker; "
                           f"raise workers.n or use fewer processes")
@@ -77,6 +71,21 @@ def setup(cfg) -> Topology:
         backend = "nccl" if use_cuda else "gloo"
     if backend == "nccl" and not use_cuda:
         raise ConfigError("config key train.backend: nccl needs CUDA devices; use gloo on CPU")
+    if backend == "nccl" and world > 1:
+        # NCCL cannot run two ranks of one group on the same GPU: without this check the group
+        # hangs or fails deep inside the first collective. torchrun says how many ranks share
+        # the node (LOCAL_WORLD_SIZE); under srun, this rank's local id bounds it.
+        local_world = max(_env_int("LOCAL_WORLD_SIZE", 0), local_rank + 1)
+        gpus = torch.cuda.device_count()
+        if local_world > gpus:
+            raise ConfigError(f"config key train.backend: nccl with {local_world} ranks "
+                              f"on a node with {gpus} GPU(s); start one rank per GPU "
+                              f"(--nproc_per_node={gpus}) or set train.backend=gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
     if world > 1:
         if not dist.is_initialized():
             timeout = timedelta(seconds=cfg.train.timeout_s)

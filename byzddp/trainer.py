@@ -1,18 +1,20 @@
 """The training loop: workers' vectors -> server (resampling + robust rule) -> the same step on
 every replica. Replaces DDP's mean all-reduce.
 
-Each rank sends one row per hosted worker, laid out as
-    [ vector (d) | BatchNorm buffers after its forward (nb) | batch loss | stop request ]
-and gets back one payload
-    [ aggregated update (d) | buffers of the first honest worker (nb) | train loss | status ].
-status is 0, or 1 when the aggregate was not finite (the update is then not applied and the
-run stops at the next check with the step named), or 2 when a rank asked to stop (a signal):
-all ranks then checkpoint at the same step and exit.
+Each rank sends one row per hosted worker and gets back one payload; byzddp/layout.py names
+their columns (RowLayout) and the payload's status codes (Status): OK, NONFINITE when the
+aggregate was not finite (the update is then not applied and the run stops at the next check
+with the step named), STOP when a rank asked to stop (a signal): all ranks then checkpoint at
+the same step and exit.
+
+A rank computes its hosted workers' gradients together, chunk by chunk, with torch.func
+(byzddp/workers.py), or one by one with workers.vectorize=false; both write the same rows.
 """
 from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from typing import List, Optional
 
@@ -20,12 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from byzddp import aggregators, attacks, checkpoint, config, data, models, resampling, streams
+from byzddp import aggregators, attacks, checkpoint, config, data, models, resampling, streams, workers
 from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
 from byzddp.exchange import Exchange
-
-STATUS_NONFINITE, STATUS_STOP = 1.0, 2.0
+from byzddp.layout import RowLayout, Status
 
 
 class CollectiveError(RuntimeError):
@@ -57,14 +58,17 @@ class Trainer:
         self.buffers = [b for b in self.model.buffers()]
         self.d = sum(p.numel() for p in self.params)
         self.nb = sum(b.numel() for b in self.buffers)
-        self.has_dropout = any(isinstance(m, torch.nn.Dropout) for m in self.model.modules())
+        self.has_dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in self.model.modules())
 
-        width = self.d + self.nb + 2
-        self.rows = torch.zeros(topo.block, width, device=self.device)
-        self.payload = torch.zeros(self.d + self.nb + 2, device=self.device)
-        # Each worker's backward writes straight into its row; the optimizer reads the payload.
-        self.row_grads = [self._views(self.rows[i, :self.d]) for i in range(topo.block)]
-        self.update_grads = self._views(self.payload[:self.d])
+        self.layout = L = RowLayout(self.d, self.nb)
+        self.rows = torch.zeros(topo.block, L.width, device=self.device)
+        self.payload = torch.zeros(L.width, device=self.device)
+        # Each worker's gradient lands straight in its row; the optimizer reads the payload.
+        self.row_grads = [self._views(self.rows[i, L.vector]) for i in range(topo.block)]
+        self.update_grads = self._views(self.payload[L.update])
+        self.notes: List[str] = []      # one-line facts for the start of the log
+        self._vectorized_ran = False
+        self.vectorized = self._build_vectorized()
         beta = cfg.workers.momentum
         self.worker_momentum = (torch.zeros(topo.block, self.d, device=self.device) if beta > 0 else None)
 
@@ -87,6 +91,28 @@ class Trainer:
             self._status_ready = [torch.cuda.Event(), torch.cuda.Event()]
 
     # ------------------------------------------------------------------ building blocks
+
+    def _build_vectorized(self) -> Optional[workers.VectorizedWorkers]:
+        """The vectorized workers of workers.vectorize, or None (the loop) with the reason noted."""
+        w = self.cfg.workers
+        if not w.vectorize:
+            self.notes.append("workers computed one by one (workers.vectorize=false)")
+            return None
+        sample = torch.zeros(self.cfg.train.batch_size, *self.ds.train_x.shape[1:], device=self.device)
+        try:
+            vec = workers.VectorizedWorkers(self.model, 1, self.cfg.seed, sample)
+        except workers.Unsupported as e:
+            self.notes.append(f"workers computed one by one: {e}")
+            return None
+        vec.chunk = w.chunk or workers.auto_chunk(self.n, self.d, self.nb, vec.activations, self.device.type,
+                                                  max(p.numel() for p in self.params))
+        how = "workers.chunk" if w.chunk else "auto, workers.chunk sets it"
+        self.notes.append(f"workers vectorized with torch.func in chunks of {vec.chunk} ({how})")
+        return vec
+
+    def _note(self, line: str) -> None:
+        if self.topo.is_server:
+            print(f"byzddp: {line}", file=sys.stderr, flush=True)
 
     def _views(self, flat: torch.Tensor) -> List[torch.Tensor]:
         out, start = [], 0
@@ -118,11 +144,9 @@ class Trainer:
 
     def worker_rows(self, step: int, byzantine: List[int]) -> None:
         """Fill this rank's rows: each hosted worker's vector, buffers and loss."""
-        self.rows.zero_()
+        L = self.layout
         self.model.train()
-        replica_buffers = self._flat_buffers()
-        d, nb = self.d, self.nb
-        beta = self.cfg.workers.momentum
+        jobs = []
         for i, w in enumerate(self.local):
             is_byzantine = w in byzantine
             if is_byzantine and not self.attack.needs_gradient:
@@ -130,51 +154,99 @@ class Trainer:
             x, y = self.data.batch_of(w, step)
             if is_byzantine:
                 y = self.attack.labels(y, self.ds.num_classes)
+            jobs.append(workers.Job(i, w, x, y))
+        if self.vectorized is not None and len(jobs) == len(self.local):
+            self.rows[len(jobs):].zero_()       # every local row gets overwritten: zero the padding
+        else:
+            self.rows.zero_()                   # the loop's backward accumulates into the rows
+        if jobs:
+            self.gradients(jobs, step)
+        beta = self.cfg.workers.momentum
+        if self.worker_momentum is not None and jobs:
+            # m <- beta m + g for the workers that computed a gradient; elementwise, so the bits
+            # are those of one worker at a time.
+            k = len(jobs)
+            if [j.row for j in jobs] == list(range(k)):
+                m = self.worker_momentum[:k]
+                m.mul_(beta).add_(self.rows[:k, L.vector])
+                self.rows[:k, L.vector].copy_(m)
+            else:
+                rows = torch.tensor([j.row for j in jobs], device=self.device)
+                m = self.worker_momentum.index_select(0, rows).mul_(beta).add_(self.rows[:, L.vector].index_select(0, rows))
+                self.worker_momentum.index_copy_(0, rows, m)
+                self.rows[:, L.vector].index_copy_(0, rows, m)
+        self.rows[:len(self.local), L.stop] = float(self.stop_signal)
+
+    def gradients(self, jobs: List[workers.Job], step: int) -> None:
+        """Each job's gradient, BatchNorm buffers and loss into its row: vectorized, or the loop."""
+        L = self.layout
+        if self.vectorized is not None:
+            try:
+                self.vectorized.compute(jobs, step, self.rows[:, L.vector],
+                                        self.rows[:, L.buffers] if self.nb else None, self.rows[:, L.loss])
+                self._vectorized_ran = True
+                return
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:
+                if self._vectorized_ran:
+                    raise
+                # The first call failed: a model torch.func cannot take. The loop, said once.
+                self._note(f"workers computed one by one: torch.func failed on this model "
+                           f"({str(e).splitlines()[0][:160]})")
+                self.vectorized = None
+                self.rows.zero_()   # backward accumulates into the rows
+        replica_buffers = self._flat_buffers() if self.nb else None
+        for job in jobs:
+            i = job.row
             if self.has_dropout:
-                torch.manual_seed(streams.key("dropout", self.cfg.seed, w, step))
+                torch.manual_seed(streams.key("dropout", self.cfg.seed, job.worker, step))
             for p, g in zip(self.params, self.row_grads[i]):
                 p.grad = g
-            loss = F.cross_entropy(self.model(x), y)
+            loss = F.cross_entropy(self.model(job.x), job.y)
             loss.backward()
-            if self.worker_momentum is not None:
-                m = self.worker_momentum[i]
-                m.mul_(beta).add_(self.rows[i, :d])
-                self.rows[i, :d].copy_(m)
-            if nb:
-                self.rows[i, d:d + nb] = self._flat_buffers()
+            if self.nb:
+                self.rows[i, L.buffers] = self._flat_buffers()
                 self._load_buffers(replica_buffers)
-            self.rows[i, -2] = loss.detach()
-        self.rows[:len(self.local), -1] = float(self.stop_signal)
+            self.rows[i, L.loss] = loss.detach()
 
     def server_step(self, gathered: torch.Tensor, step: int, byzantine: List[int]) -> None:
         """On rank 0: pre-aggregation, the robust rule, the payload to broadcast."""
-        d, nb = self.d, self.nb
+        L = self.layout
         honest = [w for w in range(self.n) if w not in byzantine]
-        vectors = gathered[:, :d]
+        vectors = gathered[:, L.vector]
         outputs, groups = self.resampler(vectors, streams.generator("resampling", self.cfg.seed, step))
         try:
             update = self.aggregator(outputs)
             bad = ~torch.isfinite(update).all()
         except aggregators.NonFiniteError:
-            update, bad = torch.zeros(d, device=self.device), torch.ones((), dtype=torch.bool, device=self.device)
+            update, bad = torch.zeros(self.d, device=self.device), torch.ones((), dtype=torch.bool, device=self.device)
         if self.aggregator.selected is not None:
-            for j in self.aggregator.selected.tolist():
-                self.selection_counts[groups[j].unique()] += 1
+            self.count_selections(self.aggregator.selected, groups)
         p = self.payload
-        p[:d] = torch.where(bad, torch.zeros_like(update), update)
-        if nb:
-            p[d:d + nb] = gathered[honest[0], d:d + nb]
-        p[-2] = gathered[honest, -2].mean()
-        stop = (gathered[:, -1].max() > 0).float() * STATUS_STOP
-        p[-1] = torch.where(bad, torch.full_like(stop, STATUS_NONFINITE), stop)
+        p[L.update] = torch.where(bad, torch.zeros_like(update), update)
+        if self.nb:
+            p[L.buffers] = gathered[honest[0], L.buffers]
+        p[L.train_loss] = gathered[honest, L.loss].mean()
+        stop = (gathered[:, L.stop].max() > 0).float() * Status.STOP
+        p[L.status] = torch.where(bad, torch.full_like(stop, Status.NONFINITE), stop)
         self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0),
                                               torch.full_like(self.first_bad_step, step), self.first_bad_step))
+
+    def count_selections(self, selected: torch.Tensor, groups: List[torch.Tensor]) -> None:
+        """+1 for every logical worker behind each selected output (once per output, however
+        often it appears in the group); tensor ops on the device, no host sync."""
+        members = torch.zeros(len(groups), self.n, dtype=torch.long)
+        sizes = torch.tensor([len(g) for g in groups])
+        members[torch.arange(len(groups)).repeat_interleave(sizes), torch.cat(groups).long()] = 1
+        members = members.to(self.device, non_blocking=True)
+        self.selection_counts += members.index_select(0, selected.to(self.device)).sum(0)
 
     def train_step(self) -> None:
         step = self.step
         byzantine = attacks.byzantine_set(self.cfg, step)
         self.worker_rows(step, byzantine)
-        ctx = AttackContext(step, self.cfg.seed, self.rows[:, :self.d], self.topo.workers, byzantine,
+        ctx = AttackContext(step, self.cfg.seed, self.rows[:, self.layout.vector], self.topo.workers, byzantine,
                             self.exchange, self.n, self.f_declared)
         self.attack.forge(ctx)
         gathered = self.exchange.gather(self.rows)
@@ -201,7 +273,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         if self.nb:
-            self._load_buffers(payload[self.d:self.d + self.nb])
+            self._load_buffers(payload[self.layout.buffers])
 
     # ------------------------------------------------------------------ checks and evaluation
 
@@ -211,10 +283,11 @@ class Trainer:
         On CPU that is the step just taken. On CUDA, reading it would stall the queue every
         step, so the status is copied without blocking and read one step later.
         """
+        status = self.layout.status
         if self.device.type != "cuda":
-            return float(self.payload[-1])
+            return float(self.payload[status])
         slot = self.step % 2
-        self._status_host[slot].copy_(self.payload[-1:], non_blocking=True)
+        self._status_host[slot].copy_(self.payload[status:status + 1], non_blocking=True)
         self._status_ready[slot].record()
         if self.step < 2:
             return 0.0
@@ -311,27 +384,29 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.request_stop)
         log.start(self)
+        for line in self.notes:
+            self._note(line)
         started = time.perf_counter() - self.wall_seconds   # training time, not set-up
         while self.step < t.steps:
             self.guarded_step()
             status = self.poll_status()
             step = self.step
             log.tick(step)
-            if status == STATUS_NONFINITE:
+            if status == Status.NONFINITE:
                 self.check_finite()
             if t.check_every and step % t.check_every == 0 and not self.replicas_agree():
                 raise RuntimeError(f"replicas differ after step {step}: the ranks' models drifted apart; "
                                    f"this is a bug in the harness or a non-deterministic kernel")
             if step % t.eval_every == 0 or step == t.steps:
                 self.wall_seconds = time.perf_counter() - started
-                record = {"step": step, **self.evaluate(), "train_loss": float(self.payload[-2]),
+                record = {"step": step, **self.evaluate(), "train_loss": float(self.payload[self.layout.train_loss]),
                           "lr": self.optimizer.param_groups[0]["lr"], "wall_seconds": self.wall_seconds}
                 self.history.append(record)
                 log.metrics(record)
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or status == STATUS_STOP:
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or status == Status.STOP:
                 self.wall_seconds = time.perf_counter() - started
                 checkpoint.save(self, log.run_dir, keep=t.keep_checkpoints)
-            if status == STATUS_STOP:
+            if status == Status.STOP:
                 raise StopRequested(step, int(self.stop_signal) or signal.SIGTERM)
         self.check_finite()
         self.wall_seconds = time.perf_counter() - started

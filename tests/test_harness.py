@@ -69,14 +69,19 @@ def test_gathered_rows_are_the_workers_vectors_and_the_update_is_the_rule(tmp_pa
     assert got["agree"]   # every rank received the same payload
 
 
-def test_one_two_four_ranks_give_bit_identical_models(tmp_path):
-    """10 workers on 1, 2 (5, 5) and 4 ranks (3, 3, 2, 2: the gather is padded)."""
+@pytest.mark.parametrize("vectorize,attack,chunk", [("true", "bitflip", "null"), ("true", "labelflip", "4"),
+                                                    ("false", "bitflip", "null")])
+def test_one_two_four_ranks_give_bit_identical_models(tmp_path, vectorize, attack, chunk):
+    """10 workers on 1, 2 (5, 5) and 4 ranks (3, 3, 2, 2: the gather is padded), with worker
+    momentum and an attack that computes a gradient; vectorized (one padded chunk of 10 per
+    rank, or chunks of 4 that split blocks differently on every rank count) and the loop."""
     shas = {}
     for nproc in (1, 2, 4):
         run = tmp_path / f"r{nproc}"
         args = [*TINY, "workers.n=10", "workers.byzantine=2", "aggregator.name=krum",
-                "aggregator.allow_unsafe=true", "attack.name=bitflip", f"log.dir={tmp_path}",
-                f"log.name=r{nproc}", "workers.momentum=0.9"]
+                "aggregator.allow_unsafe=true", f"attack.name={attack}", f"log.dir={tmp_path}",
+                f"log.name=r{nproc}", "workers.momentum=0.9", f"workers.vectorize={vectorize}",
+                f"workers.chunk={chunk}"]
         train(args, nproc=nproc) if nproc > 1 else train(args)
         shas[nproc] = summary(run)["model_sha256"]
         assert summary(run)["world_size"] == nproc

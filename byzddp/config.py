@@ -98,6 +98,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     backend: str = "auto"           # auto | gloo | nccl
     timeout_s: float = 600.0        # collective timeout
+    exchange: str = "gather"        # gather (rank 0 aggregates) | sharded (each rank a column slice)
 
 
 @dataclass
@@ -285,6 +286,7 @@ def validate(cfg: Config) -> None:
     _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "cosine", "step"))
     _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _choice("train.backend", cfg.train.backend, ("auto", "gloo", "nccl"))
+    _choice("train.exchange", cfg.train.exchange, ("gather", "sharded"))
     _choice("data.byzantine_data", cfg.data.byzantine_data, ("all", "own"))
     if cfg.data.partition == "dirichlet":
         _positive("data.alpha", cfg.data.alpha)

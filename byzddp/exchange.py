@@ -98,3 +98,30 @@ class Exchange:
         gathered = [torch.empty_like(value) for _ in range(self.topo.world)]
         dist.all_gather(gathered, value)
         return all(torch.equal(g, gathered[0]) for g in gathered)
+
+    # -- sharded aggregation (train.exchange=sharded, byzddp/sharded.py) -------------------
+
+    def all_to_all_columns(self, rows: torch.Tensor, ranges: list) -> torch.Tensor:
+        """(block, d) on every rank -> (n, len_r) on rank r: columns ranges[r] = (start, stop) of
+        every worker's row, in worker order. Rank r sends columns ranges[q] of its rows to q."""
+        start, stop = ranges[self.topo.rank]
+        if self.single:
+            return rows[:, start:stop].contiguous()
+        block = rows.shape[0]
+        send = torch.cat([rows[:, a:b].reshape(-1) for a, b in ranges])
+        recv = torch.empty(self.topo.world * block * (stop - start), dtype=rows.dtype, device=rows.device)
+        dist.all_to_all_single(recv, send, output_split_sizes=[block * (stop - start)] * self.topo.world,
+                               input_split_sizes=[block * (b - a) for a, b in ranges])
+        return self._in_worker_order(recv.view(self.topo.world, block, stop - start))
+
+    def all_gather_uneven(self, part: torch.Tensor, counts: list) -> torch.Tensor:
+        """part (counts[rank], ...) from every rank -> their concatenation in rank order, on
+        every rank (padded to the largest count for the collective)."""
+        if self.single:
+            return part
+        most = max(counts)
+        padded = part.new_zeros((most, *part.shape[1:]))
+        padded[:part.shape[0]] = part
+        stacked = torch.empty((self.topo.world * most, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        dist.all_gather_into_tensor(stacked, padded)
+        return torch.cat([stacked[r * most:r * most + c] for r, c in enumerate(counts)])

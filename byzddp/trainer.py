@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from byzddp import aggregators, attacks, checkpoint, config, data, models, resampling, streams
+from byzddp import aggregators, attacks, checkpoint, config, data, models, resampling, sharded, streams
 from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
 from byzddp.exchange import Exchange
@@ -75,6 +75,9 @@ class Trainer:
         self.aggregator = aggregators.from_config(cfg)
         self.attack = attacks.build(cfg)
         self.exchange = Exchange(topo)
+        # train.exchange=sharded: every rank aggregates a column slice (byzddp/sharded.py); it
+        # wraps self.aggregator so that cclip's sliced centre checkpoints whole.
+        self.sharded = sharded.ShardedServer(self) if cfg.train.exchange == "sharded" else None
 
         self.step = 0
         self.selection_counts = torch.zeros(self.n, dtype=torch.long, device=self.device)
@@ -152,11 +155,8 @@ class Trainer:
         honest = [w for w in range(self.n) if w not in byzantine]
         vectors = gathered[:, :d]
         outputs, groups = self.resampler(vectors, streams.generator("resampling", self.cfg.seed, step))
-        try:
-            update = self.aggregator(outputs)
-            bad = ~torch.isfinite(update).all()
-        except aggregators.NonFiniteError:
-            update, bad = torch.zeros(d, device=self.device), torch.ones((), dtype=torch.bool, device=self.device)
+        update = self.aggregator.aggregate(outputs)   # no host sync: checked on the device
+        bad = ~torch.isfinite(update).all()
         if self.aggregator.selected is not None:
             for j in self.aggregator.selected.tolist():
                 self.selection_counts[groups[j].unique()] += 1
@@ -177,10 +177,13 @@ class Trainer:
         ctx = AttackContext(step, self.cfg.seed, self.rows[:, :self.d], self.topo.workers, byzantine,
                             self.exchange, self.n, self.f_declared)
         self.attack.forge(ctx)
-        gathered = self.exchange.gather(self.rows)
-        if self.topo.is_server:
-            self.server_step(gathered, step, byzantine)
-        self.exchange.broadcast(self.payload)
+        if self.sharded is not None:   # all_to_all, the rule per slice, all_gather of the update
+            self.sharded.step(step, byzantine)
+        else:                          # gather to rank 0, the rule, broadcast
+            gathered = self.exchange.gather(self.rows)
+            if self.topo.is_server:
+                self.server_step(gathered, step, byzantine)
+            self.exchange.broadcast(self.payload)
         self.apply(self.payload)
         self.step += 1
 

@@ -364,10 +364,12 @@ class Mean(Aggregator):
     name = "mean"
 
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
+        # Chunk by chunk of the grid, summed straight into the output: a reduction's order can
+        # depend on the width it is given, so a slice and the whole call use the same widths.
         out = x.new_empty(x.shape[1])
         for c in cols.chunks():
-            out[c] = x[:, c].mean(dim=0)
-        return out
+            torch.sum(x[:, c], dim=0, out=out[c])
+        return out.div_(x.shape[0])
 
     def _non_finite_message(self, m: int) -> str:
         return ("aggregator mean: an input row holds NaN/Inf and the mean cannot exclude it; "

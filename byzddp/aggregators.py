@@ -234,29 +234,32 @@ _NETWORK_DEVICES = {"cpu"}  # device types that sort with the network
 _NETWORK_BYTES = 1 << 19    # one network block: padded rows x columns
 
 
-def _bitonic_sort_(buf: Tensor, wanted: Optional[tuple] = None) -> Tensor:
-    """Sort buf (N, c), N a power of two, along dim 0 in place. With `wanted` row indices, the
-    last merge only finishes the blocks that hold them (those rows are then exact, others not)."""
-    N = buf.shape[0]
-    c = buf.shape[1]
+def _bitonic_sort(buf: Tensor, wanted: Optional[tuple] = None) -> Tensor:
+    """buf (N, c), N a power of two, sorted along dim 0 (buf is used as scratch). With `wanted`
+    row indices, the last merge only finishes the blocks that hold them (those rows are then
+    exact, the others not). Full layers write min and max into a second buffer (two ops, no copy)."""
+    N, c = buf.shape
+    alt = torch.empty_like(buf)
     k = 2
     while k <= N:
         j = k // 2
         while j >= 1:
             if k < N:  # pairs of blocks of k rows: the first sorted up, the second down
                 v = buf.view(N // (2 * k), 2, k // (2 * j), 2, j, c)
-                up_a, up_b, down_a, down_b = v[:, 0, :, 0], v[:, 0, :, 1], v[:, 1, :, 0], v[:, 1, :, 1]
-                low = torch.minimum(up_a, up_b)
-                torch.maximum(up_a, up_b, out=up_b)
-                up_a.copy_(low)
-                high = torch.maximum(down_a, down_b)
-                torch.minimum(down_a, down_b, out=down_b)
-                down_a.copy_(high)
-            else:      # the last merge, all up; only the blocks holding wanted rows
+                o = alt.view(N // (2 * k), 2, k // (2 * j), 2, j, c)
+                torch.minimum(v[:, 0, :, 0], v[:, 0, :, 1], out=o[:, 0, :, 0])
+                torch.maximum(v[:, 0, :, 0], v[:, 0, :, 1], out=o[:, 0, :, 1])
+                torch.maximum(v[:, 1, :, 0], v[:, 1, :, 1], out=o[:, 1, :, 0])
+                torch.minimum(v[:, 1, :, 0], v[:, 1, :, 1], out=o[:, 1, :, 1])
+                buf, alt = alt, buf
+            elif wanted is None or j == N // 2:  # the last merge, all up
+                v, o = buf.view(N // (2 * j), 2, j, c), alt.view(N // (2 * j), 2, j, c)
+                torch.minimum(v[:, 0], v[:, 1], out=o[:, 0])
+                torch.maximum(v[:, 0], v[:, 1], out=o[:, 1])
+                buf, alt = alt, buf
+            else:      # only the blocks holding wanted rows, in place
                 v = buf.view(N // (2 * j), 2, j, c)
-                blocks = [slice(None)] if wanted is None or j == N // 2 else \
-                    [slice(b, b + 1) for b in sorted({w // (2 * j) for w in wanted})]
-                for blk in blocks:
+                for blk in sorted({w // (2 * j) for w in wanted}):
                     a, b = v[blk, 0], v[blk, 1]
                     low = torch.minimum(a, b)
                     torch.maximum(a, b, out=b)
@@ -277,7 +280,7 @@ def _sorted_block(x: Tensor, wanted: Optional[tuple] = None) -> Tensor:
     buf[:n].copy_(x)
     buf[n:].fill_(math.inf)
     torch.nan_to_num_(buf[:n], nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    return _bitonic_sort_(buf, wanted)
+    return _bitonic_sort(buf, wanted)
 
 
 def _blocks(n: int, x: Tensor, cols: Columns) -> Iterator[slice]:

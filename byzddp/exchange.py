@@ -123,5 +123,8 @@ class Exchange:
         padded = part.new_zeros((most, *part.shape[1:]))
         padded[:part.shape[0]] = part
         stacked = torch.empty((self.topo.world * most, *part.shape[1:]), dtype=part.dtype, device=part.device)
-        dist.all_gather_into_tensor(stacked, padded)
+        if hasattr(dist, "all_gather_single"):
+            dist.all_gather_single(stacked, padded)
+        else:
+            dist.all_gather_into_tensor(stacked, padded)
         return torch.cat([stacked[r * most:r * most + c] for r, c in enumerate(counts)])

@@ -98,24 +98,33 @@ def plain_kernels(n: int) -> dict:
 
 
 def comparison(x, device, repeat: int, B) -> list:
-    """Rows (rule, ours, plain kernel, its ms, ratio, byzfl ms, ratio) for one tensor."""
+    """Rows (rule, ours, plain kernel, its ms, ratio, byzfl ms, ratio) for one tensor. Each rule,
+    its plain kernels and ByzFL's version are called in turn, `repeat` rounds after a warm-up
+    round, so that a change in the machine's load hits all of them alike; medians are reported."""
     n = x.shape[0]
-    ours = {label: timed(rule, x, device, repeat) for label, rule in rules_for(n).items()}
+    ours = rules_for(n)
     theirs = byzfl_rules(B, n) if B is not None else {}
     out = []
     for label, kernels in plain_kernels(n).items():
-        times = {k: timed(fn, x, device, repeat) for k, fn in kernels.items()}
-        best = min(times, key=times.get)
-        byz = "n/a"
+        calls = {"ours": ours[label], **kernels}
+        failed = None
         if label in theirs:
             try:
-                byz = timed(theirs[label], x, device, repeat)
+                theirs[label](x)
+                calls["byzfl"] = theirs[label]
             except (RuntimeError, ValueError) as e:
-                byz = f"fails ({str(e).splitlines()[0][:40]})"
-        ratio_byz = f"{ours[label] / byz:.2f}" if isinstance(byz, float) else "-"
-        byz_cell = f"{byz:.0f}" if isinstance(byz, float) else byz
-        out.append((label, f"{ours[label]:.0f}", best, f"{times[best]:.0f}",
-                    f"{ours[label] / times[best]:.2f}", byz_cell, ratio_byz))
+                failed = f"fails: {str(e).splitlines()[0][:48]}"
+        times = {k: [] for k in calls}
+        for round_ in range(repeat + 1):
+            for k, fn in calls.items():
+                t = timed(fn, x, device, 1) if round_ else (fn(x), 0.0)[1]
+                if round_:
+                    times[k].append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        best = min(kernels, key=med.get)
+        byz = med.get("byzfl")
+        out.append((label, f"{med['ours']:.0f}", best, f"{med[best]:.0f}", f"{med['ours'] / med[best]:.2f}",
+                    f"{byz:.0f}" if byz else (failed or "n/a"), f"{med['ours'] / byz:.2f}" if byz else "-"))
         print(f"  {label}: {out[-1]}", file=sys.stderr, flush=True)
     return out
 

@@ -231,7 +231,7 @@ def _krum_scores(dist: Tensor, f: int, alive: Optional[Tensor] = None, r: Option
 # it), which is the order torch.sort uses. On a GPU, torch.sort of the transposed (d, n) layout,
 # where NaN ranks above +Inf. Every kernel is exact and gives the same finite values.
 _NETWORK_DEVICES = {"cpu"}  # device types that sort with the network
-_NETWORK_BYTES = 1 << 19    # one network block: padded rows x columns
+_NETWORK_BYTES = 1 << 21    # one network block: padded rows x columns (about the L2 cache)
 
 
 def _bitonic_sort(buf: Tensor, wanted: Optional[tuple] = None) -> Tensor:
@@ -284,16 +284,25 @@ def _sorted_block(x: Tensor, wanted: Optional[tuple] = None) -> Tensor:
 
 
 def _blocks(n: int, x: Tensor, cols: Columns) -> Iterator[slice]:
-    """Column blocks for the order statistics of n rows: the grid's chunks, cut further so that a
-    network block stays in cache."""
-    if x.device.type in _NETWORK_DEVICES:
-        size = 1 << max(n - 1, 0).bit_length()
-        width = max(1, _NETWORK_BYTES // (size * x.element_size()))
-    else:
-        width = cols.width
-    for chunk in cols.chunks():
-        for start in range(chunk.start, chunk.stop, width):
-            yield slice(start, min(start + width, chunk.stop))
+    """Column blocks for the order statistics of n rows. On CPU, blocks of the held columns small
+    enough for a network block to stay in cache, cut without regard to the grid: the order
+    statistics are exact and the sums over ranks below run row by row (elementwise), so every
+    column comes out the same whatever block holds it. Elsewhere the grid's chunks."""
+    if x.device.type not in _NETWORK_DEVICES:
+        yield from cols.chunks()
+        return
+    size = 1 << max(n - 1, 0).bit_length()
+    width = max(1, _NETWORK_BYTES // (size * x.element_size()))
+    for start in range(0, x.shape[1], width):
+        yield slice(start, min(start + width, x.shape[1]))
+
+
+def _sum_rows(rows: Tensor) -> Tensor:
+    """rows (k, c) summed row after row: the same order for every column, whatever c is."""
+    acc = rows[0].clone()
+    for i in range(1, rows.shape[0]):
+        acc += rows[i]
+    return acc
 
 
 def _check_input(grads: Tensor, name: str) -> Tensor:
@@ -440,7 +449,7 @@ class TrimmedMean(Aggregator):
             raise ValueError(f"aggregator trimmed_mean: b={b} trims all of the {n} rows; needs 2b < {n}")
         out = x.new_empty(x.shape[1])
         for c in _blocks(n, x, cols):
-            out[c] = _sorted_block(x[:, c])[b:n - b].mean(dim=0)
+            out[c] = _sum_rows(_sorted_block(x[:, c])[b:n - b]) / (n - 2 * b)
         return out
 
 
@@ -561,7 +570,7 @@ class Bulyan(Aggregator):
             # keep the window on the left.
             closer = (s[beta:] - median) < (median - s[:windows - 1])
             start = closer.sum(dim=0)
-            out[cols_] = s.gather(0, start[None, :] + offsets).mean(dim=0).to(x.dtype)
+            out[cols_] = (_sum_rows(s.gather(0, start[None, :] + offsets)) / beta).to(x.dtype)
         return out
 
 

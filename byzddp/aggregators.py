@@ -43,9 +43,17 @@ the squared norms of the two rows involved, so an outlier cannot spoil the dista
 other rows (as centring on a mean would). Krum, Multi-Krum and Bulyan read the data for that
 one (m x d) x (d x m) product, then work on m x m numbers (Bulyan's theta Krum rounds too);
 rfa and cclip run all their T or L iterations on that matrix too and read the data once more
-for the result. Work over d goes in column chunks: memory stays O(m d + m^2) and no Python loop
-runs over rows, pairs or coordinates. Products that average rows (a weighted sum, nnm's mixing)
-follow the caller's TF32 setting; distances are float64 and never do.
+for the result. No Python loop runs over rows, pairs or coordinates of the data.
+
+Work over d follows a global grid of column chunks (`Columns`, `grid_width`: a function of d and
+the device type only). The Gram matrix is the sum, in chunk order, of per-chunk products, and
+every per-column computation runs on fresh buffers chunk by chunk or elementwise row by row, so
+one rank's slice of the columns (`byzddp.sharded`) gives bit for bit the whole call's columns.
+Memory stays O(m d + m^2).
+
+`rule(grads)` raises NonFiniteError, which reads one flag back from the device;
+`rule.aggregate(grads)` does not, and nothing else in a rule waits for the device, so the
+training step can queue the aggregation and check the update lazily.
 """
 from __future__ import annotations
 
@@ -125,11 +133,11 @@ class Columns:
 
 
 def grid_width(d: int, device: torch.device) -> int:
-    """Columns per chunk of the global grid: at least 64 chunks when d allows (so that slices can
-    be balanced over ranks), at most 2^16 columns on CPU (a float64 chunk of 128 rows is 64 MiB)
-    and 2^18 on a GPU (fewer launches)."""
+    """Columns per chunk of the global grid: a multiple of 1024 (aligned rows), about d/16 so that
+    slices balance over a few ranks, at most 2^16 columns on CPU (a float64 chunk of 128 rows is
+    64 MiB) and 2^18 on a GPU (fewer launches)."""
     cap = 1 << 18 if device.type == "cuda" else 1 << 16
-    return max(1024, min(cap, -(-d // 64)))
+    return min(cap, max(1, -(-d // (16 * 1024))) * 1024)
 
 
 def _columns(x: Tensor, columns: Optional[Columns]) -> Columns:
@@ -326,6 +334,7 @@ class Aggregator:
     `selected` holds the row indices the last call picked (Krum, Multi-Krum, Bulyan), else None.
     """
     name = ""
+    stateful = False  # whether the rule keeps state that `settle` must confirm
 
     def __init__(self, f: int = 0) -> None:
         self.f = f
@@ -344,7 +353,7 @@ class Aggregator:
         cols = _columns(x, columns)
         self.selected = None
         out = self._aggregate(x, cols)
-        if cols.is_whole:
+        if cols.is_whole and self.stateful:
             self.settle(torch.isfinite(out).all())
         return out
 
@@ -376,12 +385,12 @@ class Mean(Aggregator):
     name = "mean"
 
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
-        # Chunk by chunk of the grid, summed straight into the output: a reduction's order can
+        # Chunk by chunk of the grid, straight into the output: a reduction's order can
         # depend on the width it is given, so a slice and the whole call use the same widths.
         out = x.new_empty(x.shape[1])
         for c in cols.chunks():
-            torch.sum(x[:, c], dim=0, out=out[c])
-        return out.div_(x.shape[0])
+            torch.mean(x[:, c], dim=0, out=out[c])
+        return out
 
     def _non_finite_message(self, m: int) -> str:
         return ("aggregator mean: an input row holds NaN/Inf and the mean cannot exclude it; "
@@ -483,6 +492,7 @@ class CenteredClipping(Aggregator):
     non-finite row takes a zero step (it still counts in the 1/m). The centre moves on only when
     the aggregate is finite. Under sharded aggregation each rank keeps its slice of the centre."""
     name = "cclip"
+    stateful = True
 
     def __init__(self, f: int = 0, tau: float = 10.0, L: int = 3) -> None:
         super().__init__(f)

@@ -111,10 +111,12 @@ def test_slices_are_contiguous_balanced_runs_of_chunks():
 
 
 def test_the_column_grid_does_not_depend_on_the_world():
-    # The grid is a function of d and the device type only: at least 64 chunks when d allows.
-    for d in (10, 5000, 12_730, 11_200_000):
+    # The grid is a function of d and the device type only: aligned chunks, about 16 of them
+    # (so that slices balance), never more than 2^16 columns each on CPU.
+    for d in (10, 5000, 12_730, 159_010, 1_200_000, 11_200_000):
         w = A.grid_width(d, torch.device("cpu"))
-        assert 1 <= w <= 1 << 16 and (d <= 64 * 1024 or -(-d // w) >= 64 or w == 1 << 16)
+        assert w % 1024 == 0 and w <= 1 << 16
+        assert -(-d // w) >= min(16, -(-d // 1024)) or w == 1 << 16
 
 
 def test_selection_counts_on_the_device_equal_the_host_loop():

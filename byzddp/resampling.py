@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from byzddp import streams
-from byzddp.aggregators import Columns, _columns, pairwise_squared_distances
+from byzddp.aggregators import Columns, _columns, pairwise_squared_distances, sub_chunks
 from byzddp.config import ConfigError
 
 NAMES = ("none", "s_replacement", "bucketing", "with_replacement", "fixed_groups", "nnm")
@@ -220,12 +220,12 @@ class NearestNeighbourMixing(Resampler):
         nearest = torch.sort(key, dim=1, stable=True).indices[:, :k]
         mixing = torch.zeros(n, n, dtype=x.dtype, device=x.device)
         mixing.scatter_(1, nearest, 1.0)
-        # Chunk by chunk on fresh buffers (the same products on a slice as on the whole), bad
+        # Piece by piece of the grid on fresh buffers (the same products on a slice as on the whole), bad
         # rows zeroed on the device (0 * NaN would still be NaN).
         out = x.new_empty(x.shape)
         keep = good[:, None]
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        for c in cols.chunks():
+        for c in sub_chunks(cols, n, x.element_size()):
             out[:, c] = (mixing @ torch.where(keep, x[:, c], zero)) / k
         return out, list(nearest.cpu())
 

@@ -79,8 +79,9 @@ def main() -> int:
     if topo.is_server:
         print(f"{topo.world} ranks ({topo.backend}, {topo.device.type}), n = {args.workers}, d = {d:,}; "
               f"all_reduce of d: {all_reduce_ms:.0f} ms\n")
-        print("| rule | gather ms | sharded ms | sharded / gather | gather / all_reduce | sharded / all_reduce |")
-        print("|---|---|---|---|---|---|", flush=True)
+        print("| rule | gather ms | sharded ms | sharded / gather | gather / all_reduce | sharded / all_reduce "
+              "| rule alone: rank 0, all d | rule alone: a rank's slice |")
+        print("|---|---|---|---|---|---|---|---|", flush=True)
     for rule in args.rules:
         t = stand_in(cfg, topo, d, rule)
 
@@ -96,10 +97,19 @@ def main() -> int:
         server = ShardedServer(t)
         sharded_ms = timed(lambda: server.step(0, []), args.repeat, topo.device)
         same = torch.equal(t.payload, want)
+        # The rule's own time: on all n x d rows (gather mode's rank 0; the others wait) and on
+        # one slice (every rank at once; the Gram partials still cross ranks).
+        full = torch.randn(args.workers, d, device=topo.device)
+        whole_ms = timed(lambda: t.aggregator.rule.aggregate(full) if topo.is_server else None,
+                         args.repeat, topo.device)
+        start, stop = server.ranges[topo.rank]
+        piece = full[:, start:stop].contiguous()
+        del full
+        slice_ms = timed(lambda: t.aggregator.rule.aggregate(piece, server.columns), args.repeat, topo.device)
         if topo.is_server:
             print(f"| {rule} | {gather_ms:.0f} | {sharded_ms:.0f} | {sharded_ms / gather_ms:.2f} | "
-                  f"{gather_ms / all_reduce_ms:.1f} | {sharded_ms / all_reduce_ms:.1f} |"
-                  + ("" if same else " (updates differ!)"), flush=True)
+                  f"{gather_ms / all_reduce_ms:.1f} | {sharded_ms / all_reduce_ms:.1f} | {whole_ms:.0f} | "
+                  f"{slice_ms:.0f} |" + ("" if same else " (updates differ!)"), flush=True)
         del t, server
     distributed.teardown()
     return 0

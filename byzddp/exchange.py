@@ -114,17 +114,28 @@ class Exchange:
                                input_split_sizes=[block * (b - a) for a, b in ranges])
         return self._in_worker_order(recv.view(self.topo.world, block, stop - start))
 
-    def all_gather_uneven(self, part: torch.Tensor, counts: list) -> torch.Tensor:
+    def all_gather_uneven(self, part: torch.Tensor, counts: list, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """part (counts[rank], ...) from every rank -> their concatenation in rank order, on
-        every rank (padded to the largest count for the collective)."""
+        every rank (padded to the largest count for the collective; written into `out` if given)."""
         if self.single:
-            return part
+            return part if out is None else out.copy_(part)
         most = max(counts)
-        padded = part.new_zeros((most, *part.shape[1:]))
-        padded[:part.shape[0]] = part
+        if part.shape[0] == most:
+            padded = part.contiguous()
+        else:
+            padded = part.new_zeros((most, *part.shape[1:]))
+            padded[:part.shape[0]] = part
         stacked = torch.empty((self.topo.world * most, *part.shape[1:]), dtype=part.dtype, device=part.device)
         if hasattr(dist, "all_gather_single"):
             dist.all_gather_single(stacked, padded)
         else:
             dist.all_gather_into_tensor(stacked, padded)
-        return torch.cat([stacked[r * most:r * most + c] for r, c in enumerate(counts)])
+        if all(c == most for c in counts):
+            return stacked if out is None else out.copy_(stacked)
+        if out is None:
+            return torch.cat([stacked[r * most:r * most + c] for r, c in enumerate(counts)])
+        start = 0
+        for r, c in enumerate(counts):
+            out[start:start + c] = stacked[r * most:r * most + c]
+            start += c
+        return out

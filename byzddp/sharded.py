@@ -87,9 +87,9 @@ class ShardedServer:
     def _partials_of_every_chunk(self, mine: torch.Tensor) -> torch.Tensor:
         return self.exchange.all_gather_uneven(mine, self.chunk_counts)
 
-    def whole(self, part: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a d-vector -> the whole vector, on every rank."""
-        return self.exchange.all_gather_uneven(part, self.lengths)
+    def whole(self, part: torch.Tensor, out=None) -> torch.Tensor:
+        """This rank's slice of a d-vector -> the whole vector (into `out` if given), on every rank."""
+        return self.exchange.all_gather_uneven(part, self.lengths, out)
 
     def step(self, step: int, byzantine: List[int]) -> None:
         """The step's exchange and aggregation; leaves the payload gather mode broadcasts."""
@@ -102,8 +102,7 @@ class ShardedServer:
         outputs, groups = t.resampler(mine, generator, self.columns)
         part = self.rule.aggregate(outputs, self.columns)
         p = t.payload
-        p[:d] = self.whole(part)
-        update = p[:d]
+        update = self.whole(part, p[:d])
         finite = torch.isfinite(update).all()
         self.rule.settle(finite)
         bad = ~finite

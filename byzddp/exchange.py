@@ -108,7 +108,11 @@ class Exchange:
         if self.single:
             return rows[:, start:stop].contiguous()
         block = rows.shape[0]
-        send = torch.cat([rows[:, a:b].reshape(-1) for a, b in ranges])
+        send = torch.empty(block * rows.shape[1], dtype=rows.dtype, device=rows.device)
+        offset = 0
+        for a, b in ranges:  # one copy: each slice straight into its place in the send buffer
+            send[offset:offset + block * (b - a)].view(block, b - a).copy_(rows[:, a:b])
+            offset += block * (b - a)
         recv = torch.empty(self.topo.world * block * (stop - start), dtype=rows.dtype, device=rows.device)
         dist.all_to_all_single(recv, send, output_split_sizes=[block * (stop - start)] * self.topo.world,
                                input_split_sizes=[block * (b - a) for a, b in ranges])

@@ -1,5 +1,7 @@
 """The collective protocol of the step: every rank's rows go to the server (rank 0), the
-server's aggregate comes back. Also the collectives that omniscient attacks pay for.
+server's aggregate comes back; or, under sharded aggregation (byzddp/sharded.py), every rank
+gets a column slice of every row and the update slices are all-gathered. Also the collectives
+that omniscient attacks pay for.
 
 Rows are flat tensors: each rank sends one contiguous (block, width) buffer, padded when its
 block of workers is smaller than the largest. With one process every call is local.

@@ -43,15 +43,23 @@ the squared norms of the two rows involved, so an outlier cannot spoil the dista
 other rows (as centring on a mean would). Krum, Multi-Krum and Bulyan read the data for that
 one (m x d) x (d x m) product, then work on m x m numbers (Bulyan's theta Krum rounds too);
 rfa and cclip run all their T or L iterations on that matrix too and read the data once more
-for the result. Work over d goes in column chunks: memory stays O(m d + m^2) and no Python loop
-runs over rows, pairs or coordinates. Products that average rows (a weighted sum, nnm's mixing)
-follow the caller's TF32 setting; distances are float64 and never do.
+for the result. No Python loop runs over rows, pairs or coordinates of the data.
+
+Work over d follows a global grid of column chunks (`Columns`, `grid_width`: a function of d and
+the device type only). The Gram matrix is the sum, in chunk order, of per-chunk products, and
+every per-column computation runs on fresh buffers chunk by chunk or elementwise row by row, so
+one rank's slice of the columns (`byzddp.sharded`) gives bit for bit the whole call's columns.
+Memory stays O(m d + m^2).
+
+`rule(grads)` raises NonFiniteError, which reads one flag back from the device;
+`rule.aggregate(grads)` does not, and nothing else in a rule waits for the device, so the
+training step can queue the aggregation and check the update lazily.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import torch
 from torch import Tensor
@@ -72,57 +80,115 @@ PARAMS = {"mean": (), "krum": (), "multikrum": ("m",), "cm": (), "trimmed_mean":
 
 # ---------------------------------------------------------------------------- shared pieces
 
-def _chunk_elements(device: torch.device) -> int:
-    # Column chunks bound the temporaries of sorts and distance passes; a GPU wants few big launches.
-    return 1 << 26 if device.type == "cuda" else 1 << 24
+class Columns:
+    """The columns of the rows a call holds, placed in a global grid of chunks.
+
+    The grid cuts the d coordinates into chunks of `width` columns; `width` depends only on d
+    and the device type (`grid_width`), never on how many ranks share the work. A plain call
+    holds every chunk; under sharded aggregation (`byzddp.sharded`) a rank holds the chunks
+    [first, last). Every computation runs chunk by chunk on freshly made buffers of the same
+    shape in both cases, and a quantity that spans columns (a Gram matrix, inner products) is a
+    sum of per-chunk partials taken in chunk order. So a rank's slice of the result is bit for bit
+    the same columns of the whole call's result. `gather`, when given, maps this holder's stacked
+    partials to all chunks' partials in chunk order (a collective).
+    """
+
+    def __init__(self, d_total: int, width: int, first: int = 0, last: Optional[int] = None, gather=None):
+        self.d_total, self.width = d_total, max(1, width)
+        self.num_chunks = -(-d_total // self.width)
+        self.first = first
+        self.last = self.num_chunks if last is None else last
+        self.start = min(self.first * self.width, d_total)
+        self.stop = min(self.last * self.width, d_total)
+        self.gather = gather
+
+    @classmethod
+    def whole(cls, x: Tensor) -> "Columns":
+        d = x.shape[1]
+        return cls(d, grid_width(d, x.device))
+
+    @property
+    def is_whole(self) -> bool:
+        return self.gather is None
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def chunks(self) -> List[slice]:
+        """The held chunks, as slices of the held columns (local indices)."""
+        return [slice(c * self.width - self.start, min((c + 1) * self.width, self.d_total) - self.start)
+                for c in range(self.first, self.last)]
+
+    def total(self, partials: List[Tensor], like: Tensor) -> Tensor:
+        """The sum over every chunk of the grid of its partial, in chunk order. `like` is a zero
+        tensor of a partial's shape (for a holder with no chunks)."""
+        stacked = torch.stack(partials) if partials else like.new_zeros((0, *like.shape))
+        if self.gather is not None:
+            stacked = self.gather(stacked)
+        out = like.clone()
+        for part in stacked:  # a fixed order: the same sum on every rank and in every mode
+            out += part
+        return out
 
 
-def column_chunks(x: Tensor) -> Iterator[slice]:
-    """Slices of x's columns, each holding about `_chunk_elements` entries (at least one column)."""
-    n, d = x.shape
-    width = max(1, _chunk_elements(x.device) // max(n, 1))
-    for start in range(0, d, width):
-        yield slice(start, min(start + width, d))
+def grid_width(d: int, device: torch.device) -> int:
+    """Columns per chunk of the global grid: a multiple of 1024 (aligned rows), about d/16 so that
+    slices balance over a few ranks, at most 2^16 columns on CPU (a float64 chunk of 128 rows is
+    64 MiB) and 2^18 on a GPU (fewer launches)."""
+    cap = 1 << 18 if device.type == "cuda" else 1 << 16
+    return min(cap, max(1, -(-d // (16 * 1024))) * 1024)
 
 
-def gram_matrix(x: Tensor, centre: Optional[Tensor] = None) -> tuple:
-    """(G, good, p, q): G = x x^T in float64, accumulated over column chunks, with the rows and
-    columns of non-finite rows zeroed; `good` marks the finite rows; given a `centre` c, also
-    p = x c (zero on bad rows) and q = ||c||^2 in float64, else None.
+def _columns(x: Tensor, columns: Optional[Columns]) -> Columns:
+    if columns is None:
+        return Columns.whole(x)
+    if columns.size != x.shape[1]:
+        raise ValueError(f"the rows hold {x.shape[1]} columns but the column plan {columns.size}")
+    return columns
+
+
+def gram_matrix(x: Tensor, centre: Optional[Tensor] = None, columns: Optional[Columns] = None) -> tuple:
+    """(G, good, p, q): G = x x^T in float64, the sum of per-chunk products in chunk order, with
+    the rows and columns of non-finite rows zeroed; `good` marks the finite rows; given a
+    `centre` c (the held columns), also p = x c (zero on bad rows) and q = ||c||^2 in float64,
+    else None.
 
     A NaN/Inf entry only spoils its own row and column of the product, and always its diagonal
     entry, which is how a bad row is found (a row so large that its squared norm overflows
     float64 counts as bad too; impossible for float32 inputs).
     """
+    cols = _columns(x, columns)
     n = x.shape[0]
-    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    p = q = None
-    if centre is not None:
-        p = torch.zeros(n, dtype=torch.float64, device=x.device)
-        q = torch.zeros((), dtype=torch.float64, device=x.device)
-    for cols in column_chunks(x):
-        part = x[:, cols].to(torch.float64)
-        gram.addmm_(part, part.T)
+    width = n * n + (n + 1 if centre is not None else 0)
+    partials = []
+    for c in cols.chunks():
+        part = x[:, c].to(torch.float64).contiguous()
+        pieces = [(part @ part.T).reshape(-1)]
         if centre is not None:
-            c = centre[cols].to(torch.float64)
-            p.addmv_(part, c)
-            q += c @ c
+            cc = centre[c].to(torch.float64).contiguous()
+            pieces += [part @ cc, (cc @ cc).reshape(1)]
+        partials.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+    total = cols.total(partials, torch.zeros(width, dtype=torch.float64, device=x.device))
+    gram = total[:n * n].view(n, n)
     good = torch.isfinite(gram.diagonal())
     both = good[:, None] & good[None, :]
     gram = torch.where(both, gram, torch.zeros_like(gram))
-    if p is not None:
-        p = torch.where(good, p, torch.zeros_like(p))
+    p = q = None
+    if centre is not None:
+        p = torch.where(good, total[n * n:n * n + n], torch.zeros(n, dtype=torch.float64, device=x.device))
+        q = total[-1]
     return gram, good, p, q
 
 
-def pairwise_squared_distances(x: Tensor) -> tuple:
+def pairwise_squared_distances(x: Tensor, columns: Optional[Columns] = None) -> tuple:
     """(D, good): D[i, j] = ||x_i - x_j||^2 in float64 and `good` marks the finite rows.
 
     From the float64 Gram matrix of the raw rows: the rounding error of D[i, j] is about 1e-16
     (||x_i||^2 + ||x_j||^2), whatever the other rows hold. Every distance from or to a non-finite
     row is +Inf, its own included; D[i, i] = 0 for good rows.
     """
-    gram, good, _, _ = gram_matrix(x)
+    gram, good, _, _ = gram_matrix(x, columns=columns)
     sq = gram.diagonal()
     dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min_(0)
     dist.fill_diagonal_(0)
@@ -130,13 +196,25 @@ def pairwise_squared_distances(x: Tensor) -> tuple:
     return torch.where(both, dist, torch.full_like(dist, math.inf)), good
 
 
-def _combine(w: Tensor, x: Tensor, good: Tensor) -> Tensor:
-    """sum_i w_i x_i in x's dtype, for float64 weights w that are zero on the bad rows, which
-    are left out (0 * NaN would still be NaN)."""
-    if not bool(good.all()):
-        keep = good.nonzero().flatten()
-        w, x = w[keep], x.index_select(0, keep)
-    return w.to(x.dtype) @ x
+def sub_chunks(cols: Columns, rows: int, element_size: int) -> Iterator[slice]:
+    """The held grid chunks cut into pieces of about 1 MiB for `rows` rows (a multiple of 1024
+    columns), the same pieces on a slice as on the whole: for products whose zeroed copy of the
+    data should stay in cache."""
+    width = max(1, (1 << 20) // (max(rows, 1) * element_size * 1024)) * 1024
+    for chunk in cols.chunks():
+        for start in range(chunk.start, chunk.stop, width):
+            yield slice(start, min(start + width, chunk.stop))
+
+
+def _combine(w: Tensor, x: Tensor, good: Tensor, cols: Columns) -> Tensor:
+    """sum_i w_i x_i in x's dtype, for float64 weights w that are zero on the bad rows; piece by
+    piece, no host sync. A bad row's non-finite entries are zeroed first (0 * NaN would still be
+    NaN); a good row has none, so nothing else changes (nan_to_num is cheaper than a row mask)."""
+    out = x.new_empty(x.shape[1])
+    w = w.to(x.dtype)
+    for c in sub_chunks(cols, x.shape[0], x.element_size()):
+        out[c] = w @ torch.nan_to_num(x[:, c], nan=0.0, posinf=0.0, neginf=0.0)
+    return out
 
 
 def _lowest_first(score: Tensor, tier: Tensor) -> Tensor:
@@ -163,51 +241,86 @@ def _krum_scores(dist: Tensor, f: int, alive: Optional[Tensor] = None, r: Option
     return score if alive is None else score.masked_fill(~alive, math.inf)
 
 
-# Coordinate-wise order statistics. NaN ranks above +Inf in both torch.sort and torch.topk (on
-# every device), so a NaN row counts as +Inf and -Inf rows sit at the other end. The kernel is
-# chosen by measurement (bench/aggregators.py --variants, 16-core CPU and H100): on CPU with
-# 32 rows or more, torch.topk selects the needed ranks in 0.5x to 1.2x the time of one
-# torch.sort of the whole tensor, while sorting it in column chunks costs up to 1.5x; with
-# fewer rows a chunked sort is as fast as one sort, and topk up to 1.5x slower. On a GPU topk
-# is 1.5x to 4x slower than a sort, and sorting the transposed (d, n) layout takes 0.6x to 1x
-# the time of torch.sort along dim 0. Every kernel is exact and gives the same values.
-_SELECT_BY_TOPK = {"cpu"}   # device types that select ranks with topk ...
-_TOPK_MIN_ROWS = 32         # ... from this many rows on
-_SORT_ALONG_ROWS = {"cpu"}  # device types that sort along dim 0; others sort the (d, n) layout
+# Coordinate-wise order statistics. On CPU, a bitonic sorting network over the rows: each layer
+# is one torch.minimum and one torch.maximum over whole rows (vectorised over the columns), on a
+# block of columns small enough to stay in the L2 cache, rows padded with +Inf to a power of
+# two. That beats torch.median / kthvalue / sort along dim 0, which walk one strided column at a
+# time (bench/aggregators.py). NaN is first turned into +Inf (minimum and maximum would spread
+# it), which is the order torch.sort uses. On a GPU, torch.sort of the transposed (d, n) layout,
+# where NaN ranks above +Inf. Every kernel is exact and gives the same finite values.
+_NETWORK_DEVICES = {"cpu"}  # device types that sort with the network
+_NETWORK_BYTES = 1 << 21    # one network block: padded rows x columns (about the L2 cache)
 
 
-def _by_topk(x: Tensor) -> bool:
-    return x.device.type in _SELECT_BY_TOPK and x.shape[0] >= _TOPK_MIN_ROWS
+def _bitonic_sort(buf: Tensor, wanted: Optional[tuple] = None) -> Tensor:
+    """buf (N, c), N a power of two, sorted along dim 0 (buf is used as scratch). With `wanted`
+    row indices, the last merge only finishes the blocks that hold them (those rows are then
+    exact, the others not). Full layers write min and max into a second buffer (two ops, no copy)."""
+    N, c = buf.shape
+    alt = torch.empty_like(buf)
+    k = 2
+    while k <= N:
+        j = k // 2
+        while j >= 1:
+            if k < N:  # pairs of blocks of k rows: the first sorted up, the second down
+                v = buf.view(N // (2 * k), 2, k // (2 * j), 2, j, c)
+                o = alt.view(N // (2 * k), 2, k // (2 * j), 2, j, c)
+                torch.minimum(v[:, 0, :, 0], v[:, 0, :, 1], out=o[:, 0, :, 0])
+                torch.maximum(v[:, 0, :, 0], v[:, 0, :, 1], out=o[:, 0, :, 1])
+                torch.maximum(v[:, 1, :, 0], v[:, 1, :, 1], out=o[:, 1, :, 0])
+                torch.minimum(v[:, 1, :, 0], v[:, 1, :, 1], out=o[:, 1, :, 1])
+                buf, alt = alt, buf
+            elif wanted is None or j == N // 2:  # the last merge, all up
+                v, o = buf.view(N // (2 * j), 2, j, c), alt.view(N // (2 * j), 2, j, c)
+                torch.minimum(v[:, 0], v[:, 1], out=o[:, 0])
+                torch.maximum(v[:, 0], v[:, 1], out=o[:, 1])
+                buf, alt = alt, buf
+            else:      # only the blocks holding wanted rows, in place
+                v = buf.view(N // (2 * j), 2, j, c)
+                for blk in sorted({w // (2 * j) for w in wanted}):
+                    a, b = v[blk, 0], v[blk, 1]
+                    low = torch.minimum(a, b)
+                    torch.maximum(a, b, out=b)
+                    a.copy_(low)
+            j //= 2
+        k *= 2
+    return buf
 
 
-def _sort_columns(x: Tensor) -> Tensor:
-    """x (n, c) sorted along dim 0 (on a GPU by sorting the transposed layout: faster)."""
-    if x.device.type in _SORT_ALONG_ROWS:
-        return torch.sort(x, dim=0).values
-    return torch.sort(x.T.contiguous(), dim=1).values.T
+def _sorted_block(x: Tensor, wanted: Optional[tuple] = None) -> Tensor:
+    """x (n, c) -> a fresh tensor whose rows 0..n-1 hold each column's values in ascending order
+    (all of them, or only the `wanted` ranks; on a GPU always all)."""
+    n, c = x.shape
+    if x.device.type not in _NETWORK_DEVICES:
+        return torch.sort(x.T.contiguous(), dim=1).values.T
+    size = 1 << max(n - 1, 0).bit_length()
+    buf = torch.empty(size, c, dtype=x.dtype, device=x.device)
+    buf[:n].copy_(x)
+    buf[n:].fill_(math.inf)
+    torch.nan_to_num_(buf[:n], nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return _bitonic_sort(buf, wanted)
 
 
-def _median_columns(x: Tensor) -> Tensor:
-    """Per column the median: the middle value, or the mean of the two middle values."""
-    n = x.shape[0]
-    lo, hi = (n - 1) // 2, n // 2
-    if _by_topk(x):
-        low = torch.topk(x, hi + 1, dim=0, largest=False, sorted=False).values  # ranks 0..hi
-        if lo == hi:
-            return low.max(dim=0).values
-        top = torch.topk(low, 2, dim=0).values                                    # ranks hi, lo
-        return (top[0] + top[1]) / 2
-    s = _sort_columns(x)
-    return s[lo] if lo == hi else (s[lo] + s[hi]) / 2
+def _blocks(n: int, x: Tensor, cols: Columns) -> Iterator[slice]:
+    """Column blocks for the order statistics of n rows. On CPU, blocks of the held columns small
+    enough for a network block to stay in cache, cut without regard to the grid: the order
+    statistics are exact and the sums over ranks below run row by row (elementwise), so every
+    column comes out the same whatever block holds it. Elsewhere the grid's chunks."""
+    if x.device.type not in _NETWORK_DEVICES:
+        yield from cols.chunks()
+        return
+    size = 1 << max(n - 1, 0).bit_length()
+    width = max(1, _NETWORK_BYTES // (size * x.element_size()))
+    for start in range(0, x.shape[1], width):
+        yield slice(start, min(start + width, x.shape[1]))
 
 
-def _trimmed_columns(x: Tensor, b: int) -> Tensor:
-    """Per column the mean of the values ranked b .. n-b-1."""
-    n = x.shape[0]
-    if _by_topk(x):
-        kept = torch.topk(x, n - b, dim=0, largest=False, sorted=False).values   # drop the b largest
-        return torch.topk(kept, n - 2 * b, dim=0, sorted=False).values.mean(dim=0)  # and the b smallest
-    return _sort_columns(x)[b:n - b].mean(dim=0)
+def _sum_rows(rows: Tensor) -> Tensor:
+    """rows (k, c) summed row after row: the same order for every column, whatever c is."""
+    acc = rows[0].clone()
+    for i in range(1, rows.shape[0]):
+        acc += rows[i]
+    return acc
 
 
 def _check_input(grads: Tensor, name: str) -> Tensor:
@@ -222,11 +335,16 @@ def _check_input(grads: Tensor, name: str) -> Tensor:
 # ---------------------------------------------------------------------------- the rules
 
 class Aggregator:
-    """A robust rule: `rule(grads)` with grads (m, d) returns the (d,) aggregate.
+    """A robust rule: `rule(grads)` with grads (m, d) returns the (d,) aggregate and raises
+    NonFiniteError rather than return a non-finite one (that check reads one flag from the
+    device). `rule.aggregate(grads, columns)` is the same without the check, so without a host
+    sync: the training step checks the update on the device itself; with a `Columns` plan it
+    computes one rank's slice of the columns (`byzddp.sharded`).
 
     `selected` holds the row indices the last call picked (Krum, Multi-Krum, Bulyan), else None.
     """
     name = ""
+    stateful = False  # whether the rule keeps state that `settle` must confirm
 
     def __init__(self, f: int = 0) -> None:
         self.f = f
@@ -234,14 +352,26 @@ class Aggregator:
 
     @torch.no_grad()
     def __call__(self, grads: Tensor) -> Tensor:
-        x = _check_input(grads, self.name)
-        self.selected = None
-        out = self._aggregate(x)
+        out = self.aggregate(grads)
         if not bool(torch.isfinite(out).all()):
-            raise NonFiniteError(self._non_finite_message(x.shape[0]))
+            raise NonFiniteError(self._non_finite_message(grads.shape[0]))
         return out
 
-    def _aggregate(self, x: Tensor) -> Tensor:
+    @torch.no_grad()
+    def aggregate(self, grads: Tensor, columns: Optional[Columns] = None) -> Tensor:
+        x = _check_input(grads, self.name)
+        cols = _columns(x, columns)
+        self.selected = None
+        out = self._aggregate(x, cols)
+        if cols.is_whole and self.stateful:
+            self.settle(torch.isfinite(out).all())
+        return out
+
+    def settle(self, finite: Tensor) -> None:
+        """Told (a device flag) whether the whole aggregate was finite; a slice's caller tells it
+        after combining the slices. Stateful rules keep their new state only then."""
+
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         raise NotImplementedError
 
     def _non_finite_message(self, m: int) -> str:
@@ -264,8 +394,13 @@ class Mean(Aggregator):
     """The arithmetic mean: optimal without attackers, broken by a single bad row."""
     name = "mean"
 
-    def _aggregate(self, x: Tensor) -> Tensor:
-        return x.mean(dim=0)
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
+        # Chunk by chunk of the grid, straight into the output: a reduction's order can
+        # depend on the width it is given, so a slice and the whole call use the same widths.
+        out = x.new_empty(x.shape[1])
+        for c in cols.chunks():
+            torch.mean(x[:, c], dim=0, out=out[c])
+        return out
 
     def _non_finite_message(self, m: int) -> str:
         return ("aggregator mean: an input row holds NaN/Inf and the mean cannot exclude it; "
@@ -276,8 +411,8 @@ class Krum(Aggregator):
     """The row with the lowest Krum score (lowest index among equal scores)."""
     name = "krum"
 
-    def _aggregate(self, x: Tensor) -> Tensor:
-        dist, good = pairwise_squared_distances(x)
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
+        dist, good = pairwise_squared_distances(x, cols)
         order = _lowest_first(_krum_scores(dist, self.f), (~good).long())
         self.selected = order[:1]
         return x.index_select(0, self.selected)[0]
@@ -291,24 +426,30 @@ class MultiKrum(Aggregator):
         super().__init__(f)
         self.m = m
 
-    def _aggregate(self, x: Tensor) -> Tensor:
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n = x.shape[0]
         m = n - self.f if self.m is None else self.m
         m = min(max(m, 1), n)
-        dist, good = pairwise_squared_distances(x)
+        dist, good = pairwise_squared_distances(x, cols)
         order = _lowest_first(_krum_scores(dist, self.f), (~good).long())
         self.selected = order[:m]
-        return x.index_select(0, self.selected).mean(dim=0)
+        out = x.new_empty(x.shape[1])
+        for c in cols.chunks():
+            out[c] = x[:, c].index_select(0, self.selected).mean(dim=0)
+        return out
 
 
 class CoordinateMedian(Aggregator):
     """Per coordinate the median; the mean of the two middle values when the row count is even."""
     name = "cm"
 
-    def _aggregate(self, x: Tensor) -> Tensor:
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
+        n = x.shape[0]
+        lo, hi = (n - 1) // 2, n // 2
         out = x.new_empty(x.shape[1])
-        for cols in column_chunks(x):
-            out[cols] = _median_columns(x[:, cols])
+        for c in _blocks(n, x, cols):
+            s = _sorted_block(x[:, c], wanted=(lo, hi))
+            out[c] = s[lo] if lo == hi else (s[lo] + s[hi]) / 2
         return out
 
 
@@ -320,14 +461,14 @@ class TrimmedMean(Aggregator):
         super().__init__(f)
         self.b = b
 
-    def _aggregate(self, x: Tensor) -> Tensor:
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n = x.shape[0]
         b = self.f if self.b is None else self.b
         if 2 * b >= n:
             raise ValueError(f"aggregator trimmed_mean: b={b} trims all of the {n} rows; needs 2b < {n}")
         out = x.new_empty(x.shape[1])
-        for cols in column_chunks(x):
-            out[cols] = _trimmed_columns(x[:, cols], b)
+        for c in _blocks(n, x, cols):
+            out[c] = _sum_rows(_sorted_block(x[:, c])[b:n - b]) / (n - 2 * b)
         return out
 
 
@@ -340,13 +481,12 @@ class RFA(Aggregator):
         super().__init__(f)
         self.T, self.nu = T, nu
 
-    def _aggregate(self, x: Tensor) -> Tensor:
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         # z is always a combination w^T x of the rows, so ||z - g_i||^2 = G_ii - 2 (G w)_i
         # + w^T G w comes from one float64 Gram matrix: the T iterations run on n x n numbers,
-        # and the data is read twice (the product, then z).
-        gram, good, _, _ = gram_matrix(x)
-        if not bool(good.any()):
-            return x.new_full((x.shape[1],), math.nan)
+        # and the data is read twice (the product, then z). No finite row: the weights are
+        # 0/0 = NaN and so is z.
+        gram, good, _, _ = gram_matrix(x, columns=cols)
         norms = gram.diagonal()
         w = torch.zeros_like(norms)  # z = 0
         for _ in range(self.T):
@@ -354,20 +494,23 @@ class RFA(Aggregator):
             dist = (norms - 2 * gw + w @ gw).clamp_min(0).sqrt()
             beta = torch.where(good, 1.0 / dist.clamp_min(self.nu), torch.zeros_like(dist))
             w = beta / beta.sum()
-        return _combine(w, x, good)
+        return _combine(w, x, good, cols)
 
 
 class CenteredClipping(Aggregator):
     """L steps c <- c + (1/m) sum_i clip_tau(g_i - c) from the previous call's centre; a
-    non-finite row takes a zero step (it still counts in the 1/m)."""
+    non-finite row takes a zero step (it still counts in the 1/m). The centre moves on only when
+    the aggregate is finite. Under sharded aggregation each rank keeps its slice of the centre."""
     name = "cclip"
+    stateful = True
 
     def __init__(self, f: int = 0, tau: float = 10.0, L: int = 3) -> None:
         super().__init__(f)
         self.tau, self.L = tau, L
         self.centre: Optional[Tensor] = None
+        self._proposal: Optional[tuple] = None
 
-    def _aggregate(self, x: Tensor) -> Tensor:
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n, d = x.shape
         if self.centre is None:
             c0 = x.new_zeros(d)
@@ -379,7 +522,7 @@ class CenteredClipping(Aggregator):
         # c stays a combination a c0 + w^T x, so ||g_i - c||^2 = G_ii - 2 (G w)_i - 2a p_i
         # + w^T G w + 2a w^T p + a^2 q with p = x c0 and q = ||c0||^2: one float64 product,
         # the L steps on n x n numbers, and c itself at the end.
-        gram, good, p, q = gram_matrix(x, c0)
+        gram, good, p, q = gram_matrix(x, c0, columns=cols)
         norms = gram.diagonal()
         a = torch.ones((), dtype=torch.float64, device=x.device)
         w = torch.zeros_like(norms)
@@ -390,10 +533,16 @@ class CenteredClipping(Aggregator):
             scale = torch.where(good, scale, torch.zeros_like(scale))     # a bad row takes no step
             keep = 1 - scale.sum() / n
             a, w = a * keep, w * keep + scale / n
-        c = a.to(x.dtype) * c0 + _combine(w, x, good)
-        if bool(torch.isfinite(c).all()):
-            self.centre = c.clone()
+        c = a.to(x.dtype) * c0 + _combine(w, x, good, cols)
+        self._proposal = (c, c0)
         return c
+
+    def settle(self, finite: Tensor) -> None:
+        if self._proposal is None:
+            return
+        c, c0 = self._proposal
+        self._proposal = None
+        self.centre = torch.where(finite, c, c0)  # on the device: no host sync
 
     def state_dict(self) -> dict:
         return {} if self.centre is None else {"centre": self.centre.detach().clone()}
@@ -411,11 +560,11 @@ class Bulyan(Aggregator):
     picked values closest to their median (clamped to >= 1 outside the theory)."""
     name = "bulyan"
 
-    def _aggregate(self, x: Tensor) -> Tensor:
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n = x.shape[0]
         theta = max(n - 2 * self.f, 1)
         beta = max(theta - 2 * self.f, 1)
-        dist, good = pairwise_squared_distances(x)
+        dist, good = pairwise_squared_distances(x, cols)
         alive = torch.ones(n, dtype=torch.bool, device=x.device)
         tier = (~good).long()
         picks = []
@@ -430,9 +579,9 @@ class Bulyan(Aggregator):
         lo, hi = (theta - 1) // 2, theta // 2
         windows = theta - beta + 1
         offsets = torch.arange(beta, device=x.device)[:, None]
-        for cols in column_chunks(x):
+        for cols_ in _blocks(theta, x, cols):
             # float64 from here: the window choice compares differences of nearby values.
-            s = _sort_columns(x[:, cols].index_select(0, self.selected)).to(torch.float64)
+            s = _sorted_block(x[:, cols_].index_select(0, self.selected))[:theta].to(torch.float64)
             median = s[lo] if lo == hi else (s[lo] + s[hi]) / 2
             # The beta values closest to the median are a contiguous window s[a : a+beta] of the
             # sorted values. Sliding it right from a = 0 swaps s[a] for s[a+beta]; that helps
@@ -441,7 +590,7 @@ class Bulyan(Aggregator):
             # keep the window on the left.
             closer = (s[beta:] - median) < (median - s[:windows - 1])
             start = closer.sum(dim=0)
-            out[cols] = s.gather(0, start[None, :] + offsets).mean(dim=0).to(x.dtype)
+            out[cols_] = (_sum_rows(s.gather(0, start[None, :] + offsets)) / beta).to(x.dtype)
         return out
 
 

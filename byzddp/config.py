@@ -103,6 +103,7 @@ class TrainConfig:
     backend: str = "auto"           # auto | gloo | nccl
     timeout_s: float = 600.0        # collective timeout
     threads: int = 1                # intra-op CPU threads per process (the model's bits depend on it)
+    exchange: str = "gather"        # gather (rank 0 aggregates) | sharded (each rank a column slice)
 
 
 @dataclass
@@ -288,7 +289,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 # Settings that change how a run is operated, never what it computes.
-OPERATIONAL = ("resume", "checkpoint_every", "keep_checkpoints", "check_every", "timeout_s", "threads")
+OPERATIONAL = ("resume", "checkpoint_every", "keep_checkpoints", "check_every", "timeout_s", "threads",
+               "exchange")   # sharded aggregation gives the gather mode's bits
 
 
 def config_hash(cfg: Config) -> str:
@@ -346,6 +348,7 @@ def validate(cfg: Config) -> None:
     _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "cosine", "step"))
     _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _choice("train.backend", cfg.train.backend, ("auto", "gloo", "nccl"))
+    _choice("train.exchange", cfg.train.exchange, ("gather", "sharded"))
     _choice("data.byzantine_data", cfg.data.byzantine_data, ("all", "own"))
     _positive("seed", cfg.seed, zero_ok=True)
     _positive("data.alpha", cfg.data.alpha)

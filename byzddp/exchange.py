@@ -1,5 +1,7 @@
 """The collective protocol of the step: every rank's rows go to the server (rank 0), the
-server's aggregate comes back. Also the collectives that omniscient attacks pay for.
+server's aggregate comes back; or, under sharded aggregation (byzddp/sharded.py), every rank
+gets a column slice of every row and the update slices are all-gathered. Also the collectives
+that omniscient attacks pay for.
 
 Rows are flat tensors: each rank sends one contiguous (block, width) buffer, padded when its
 block of workers is smaller than the largest. With one process every call is local.
@@ -98,3 +100,48 @@ class Exchange:
         gathered = [torch.empty_like(value) for _ in range(self.topo.world)]
         dist.all_gather(gathered, value)
         return all(torch.equal(g, gathered[0]) for g in gathered)
+
+    # -- sharded aggregation (train.exchange=sharded, byzddp/sharded.py) -------------------
+
+    def all_to_all_columns(self, rows: torch.Tensor, ranges: list) -> torch.Tensor:
+        """(block, d) on every rank -> (n, len_r) on rank r: columns ranges[r] = (start, stop) of
+        every worker's row, in worker order. Rank r sends columns ranges[q] of its rows to q."""
+        start, stop = ranges[self.topo.rank]
+        if self.single:
+            return rows[:, start:stop].contiguous()
+        block = rows.shape[0]
+        send = torch.empty(block * rows.shape[1], dtype=rows.dtype, device=rows.device)
+        offset = 0
+        for a, b in ranges:  # one copy: each slice straight into its place in the send buffer
+            send[offset:offset + block * (b - a)].view(block, b - a).copy_(rows[:, a:b])
+            offset += block * (b - a)
+        recv = torch.empty(self.topo.world * block * (stop - start), dtype=rows.dtype, device=rows.device)
+        dist.all_to_all_single(recv, send, output_split_sizes=[block * (stop - start)] * self.topo.world,
+                               input_split_sizes=[block * (b - a) for a, b in ranges])
+        return self._in_worker_order(recv.view(self.topo.world, block, stop - start))
+
+    def all_gather_uneven(self, part: torch.Tensor, counts: list, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """part (counts[rank], ...) from every rank -> their concatenation in rank order, on
+        every rank (padded to the largest count for the collective; written into `out` if given)."""
+        if self.single:
+            return part if out is None else out.copy_(part)
+        most = max(counts)
+        if part.shape[0] == most:
+            padded = part.contiguous()
+        else:
+            padded = part.new_zeros((most, *part.shape[1:]))
+            padded[:part.shape[0]] = part
+        stacked = torch.empty((self.topo.world * most, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        if hasattr(dist, "all_gather_single"):
+            dist.all_gather_single(stacked, padded)
+        else:
+            dist.all_gather_into_tensor(stacked, padded)
+        if all(c == most for c in counts):
+            return stacked if out is None else out.copy_(stacked)
+        if out is None:
+            return torch.cat([stacked[r * most:r * most + c] for r, c in enumerate(counts)])
+        start = 0
+        for r, c in enumerate(counts):
+            out[start:start + c] = stacked[r * most:r * most + c]
+            start += c
+        return out

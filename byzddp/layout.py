@@ -45,6 +45,11 @@ class RowLayout:
     def stop(self) -> int:
         return self.d + self.nb + 1
 
+    @property
+    def tail(self) -> slice:
+        """[buffers | loss | stop]: laid out as RowLayout(0, nb) describes."""
+        return slice(self.d, self.width)
+
     # -- the payload (same width; the update where the vector was)
     @property
     def update(self) -> slice:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from byzddp import streams
-from byzddp.aggregators import pairwise_squared_distances
+from byzddp.aggregators import Columns, _columns, pairwise_squared_distances, sub_chunks
 from byzddp.config import ConfigError
 
 NAMES = ("none", "s_replacement", "bucketing", "with_replacement", "fixed_groups", "nnm")
@@ -88,9 +88,14 @@ class Resampler:
         return min(f, self.num_outputs(n))
 
     @torch.no_grad()
-    def __call__(self, grads: Tensor, generator: torch.Generator) -> Tuple[Tensor, List[Tensor]]:
+    def __call__(self, grads: Tensor, generator: torch.Generator,
+                 columns: Optional[Columns] = None) -> Tuple[Tensor, List[Tensor]]:
+        """`columns`: the column plan of a slice under sharded aggregation (nnm's distances span
+        the slices); the groups depend only on the generator, so every rank draws the same."""
         if grads.dim() != 2 or grads.shape[0] < 1:
             raise ValueError(f"resampling {self.name}: expected an (n, d) tensor, got {tuple(grads.shape)}")
+        if self.name == "nnm":
+            return self._resample(grads, generator, _columns(grads, columns))
         return self._resample(grads, generator)
 
     def _resample(self, x: Tensor, g: torch.Generator) -> Tuple[Tensor, List[Tensor]]:
@@ -204,20 +209,24 @@ class NearestNeighbourMixing(Resampler):
     as long as at most f rows are bad no output is non-finite. One (n x n) x (n x d) product."""
     name = "nnm"
 
-    def _resample(self, x: Tensor, g: torch.Generator) -> Tuple[Tensor, List[Tensor]]:
+    def _resample(self, x: Tensor, g: torch.Generator, cols: Columns) -> Tuple[Tensor, List[Tensor]]:
         n = x.shape[0]
         k = n - self.f
         if k < 1:
             raise ValueError(f"resampling nnm: f={self.f} leaves no neighbours among {n} rows")
-        dist, good = pairwise_squared_distances(x)
+        dist, good = pairwise_squared_distances(x, cols)
         key = torch.where(good[:, None], dist, torch.zeros_like(dist))  # a bad row: any good row will do
         key = key.masked_fill(~good[None, :], math.inf)                 # never mix in a bad row
         nearest = torch.sort(key, dim=1, stable=True).indices[:, :k]
         mixing = torch.zeros(n, n, dtype=x.dtype, device=x.device)
         mixing.scatter_(1, nearest, 1.0)
-        if not bool(good.all()):
-            x = torch.where(good[:, None], x, torch.zeros_like(x))  # 0 * NaN would still be NaN
-        out = (mixing @ x) / k
+        # Piece by piece of the grid on fresh buffers (the same products on a slice as on the whole), bad
+        # rows zeroed on the device (0 * NaN would still be NaN).
+        out = x.new_empty(x.shape)
+        keep = good[:, None]
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        for c in sub_chunks(cols, n, x.element_size()):
+            out[:, c] = (mixing @ torch.where(keep, x[:, c], zero)) / k
         return out, list(nearest.cpu())
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from byzddp import aggregators, attacks, checkpoint, config, data, models, resampling, streams, workers
+from byzddp import aggregators, attacks, checkpoint, config, data, models, resampling, sharded, streams, workers
 from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
 from byzddp.exchange import Exchange
@@ -79,6 +79,9 @@ class Trainer:
         self.aggregator = aggregators.from_config(cfg)
         self.attack = attacks.build(cfg)
         self.exchange = Exchange(topo)
+        # train.exchange=sharded: every rank aggregates a column slice (byzddp/sharded.py); it
+        # wraps self.aggregator so that cclip's sliced centre checkpoints whole.
+        self.sharded = sharded.ShardedServer(self) if cfg.train.exchange == "sharded" else None
 
         self.step = 0
         self.selection_counts = torch.zeros(self.n, dtype=torch.long, device=self.device)
@@ -213,22 +216,27 @@ class Trainer:
     def server_step(self, gathered: torch.Tensor, step: int, byzantine: List[int]) -> None:
         """On rank 0: pre-aggregation, the robust rule, the payload to broadcast."""
         L = self.layout
-        honest = [w for w in range(self.n) if w not in byzantine]
         vectors = gathered[:, L.vector]
         outputs, groups = self.resampler(vectors, streams.generator("resampling", self.cfg.seed, step))
-        try:
-            update = self.aggregator(outputs)
-            bad = ~torch.isfinite(update).all()
-        except aggregators.NonFiniteError:
-            update, bad = torch.zeros(self.d, device=self.device), torch.ones((), dtype=torch.bool, device=self.device)
+        update = self.aggregator.aggregate(outputs)   # no host sync: checked on the device
+        self.finish_payload(update, gathered[:, L.tail], groups, step, byzantine)
+
+    def finish_payload(self, update: torch.Tensor, tails: torch.Tensor, groups: List[torch.Tensor],
+                       step: int, byzantine: List[int]) -> None:
+        """The payload from the aggregate and every worker's row tail, [buffers | loss | stop]:
+        the update (zeros when it is not finite), the first honest worker's buffers, the honest
+        workers' mean loss and the status. On the device, without a host sync."""
+        L, T = self.layout, RowLayout(0, self.nb)       # T: the columns of a row's tail
+        honest = [w for w in range(self.n) if w not in byzantine]
+        bad = ~torch.isfinite(update).all()
         if self.aggregator.selected is not None:
             self.count_selections(self.aggregator.selected, groups)
         p = self.payload
         p[L.update] = torch.where(bad, torch.zeros_like(update), update)
         if self.nb:
-            p[L.buffers] = gathered[honest[0], L.buffers]
-        p[L.train_loss] = gathered[honest, L.loss].mean()
-        stop = (gathered[:, L.stop].max() > 0).float() * Status.STOP
+            p[L.buffers] = tails[honest[0], T.buffers]
+        p[L.train_loss] = tails[honest, T.loss].mean()
+        stop = (tails[:, T.stop].max() > 0).float() * Status.STOP
         p[L.status] = torch.where(bad, torch.full_like(stop, Status.NONFINITE), stop)
         self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0),
                                               torch.full_like(self.first_bad_step, step), self.first_bad_step))
@@ -249,10 +257,13 @@ class Trainer:
         ctx = AttackContext(step, self.cfg.seed, self.rows[:, self.layout.vector], self.topo.workers, byzantine,
                             self.exchange, self.n, self.f_declared)
         self.attack.forge(ctx)
-        gathered = self.exchange.gather(self.rows)
-        if self.topo.is_server:
-            self.server_step(gathered, step, byzantine)
-        self.exchange.broadcast(self.payload)
+        if self.sharded is not None:   # all_to_all, the rule per slice, all_gather of the update
+            self.sharded.step(step, byzantine)
+        else:                          # gather to rank 0, the rule, broadcast
+            gathered = self.exchange.gather(self.rows)
+            if self.topo.is_server:
+                self.server_step(gathered, step, byzantine)
+            self.exchange.broadcast(self.payload)
         self.apply(self.payload)
         self.step += 1
 

@@ -212,14 +212,13 @@ def test_rfa_with_one_iteration_is_the_normalized_mean():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernel", ["topk", "sort rows", "sort transposed"])
+@pytest.mark.parametrize("kernel", ["network", "sort transposed"])
 def test_every_order_statistic_kernel_follows_the_definition(kernel, device, monkeypatch):
-    # The rules pick topk or one of two sorts per device type; force each one on every device.
-    every = {"cpu", "cuda"}
-    monkeypatch.setattr(A, "_SELECT_BY_TOPK", every if kernel == "topk" else set())
-    monkeypatch.setattr(A, "_TOPK_MIN_ROWS", 1)
-    monkeypatch.setattr(A, "_SORT_ALONG_ROWS", every if kernel == "sort rows" else set())
-    for n, b in ((7, 2), (8, 3), (2, 0)):
+    # The rules sort with the min/max network or torch.sort per device type; force each one on
+    # every device, with network blocks of a few columns (several blocks per chunk).
+    monkeypatch.setattr(A, "_NETWORK_DEVICES", {"cpu", "cuda"} if kernel == "network" else set())
+    monkeypatch.setattr(A, "_NETWORK_BYTES", 64)
+    for n, b in ((7, 2), (8, 3), (2, 0), (1, 0), (17, 8), (32, 5)):
         x = spread_rows(n, 9, seed=n).to(device)
         for name, params in (("cm", {}), ("trimmed_mean", {"b": b})):
             want, _ = reference(name, rows_of(x), 0, **params)
@@ -243,7 +242,7 @@ def test_column_chunks_do_not_change_the_result(name, monkeypatch):
         x[4] = math.nan  # the bad-row paths too
     whole = A.build(name, f=2)
     want = whole(x)
-    monkeypatch.setattr(A, "_chunk_elements", lambda device: 3 * 11)  # 3 columns a chunk
+    monkeypatch.setattr(A, "grid_width", lambda d, device: 3)  # 3 columns a chunk
     chunked = A.build(name, f=2)
     torch.testing.assert_close(chunked(x), want, rtol=1e-12, atol=1e-12)
     assert (whole.selected is None) == (chunked.selected is None)

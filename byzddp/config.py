@@ -29,13 +29,15 @@ class DataConfig:
     alpha: float = 1.0              # dirichlet concentration
     root: str = "data"              # where torchvision datasets live
     download: bool = True           # torchvision datasets: download when missing
-    test_size: int = 1000           # mnist5k: digits held out as the test set
+    test_size: int = 1000           # mnist5k: digits held out as the test set (split=balanced)
+    split: str = "balanced"         # mnist5k: balanced (test_size/10 per class) | official (the official code's files)
+    sampling: str = "stream"        # stream: endless per-worker permutations | epoch: the official loaders' epochs
     byzantine_data: str = "all"     # all: Byzantine workers sample the whole training set (paper)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"               # mlp | cnn | resnet20
+    name: str = "mlp"               # mlp | cnn (the official code's) | cnn_relu | resnet20
     hidden: List[int] = field(default_factory=lambda: [200])  # mlp hidden sizes
 
 
@@ -263,7 +265,7 @@ def run_name(cfg: Config) -> str:
 
 DATASETS = ("mnist5k", "mnist", "cifar10")
 PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups")
-MODELS = ("mlp", "cnn", "resnet20")
+MODELS = ("mlp", "cnn", "cnn_relu", "resnet20")
 
 
 def _choice(key: str, value: str, allowed) -> None:
@@ -286,6 +288,8 @@ def validate(cfg: Config) -> None:
     _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _choice("train.backend", cfg.train.backend, ("auto", "gloo", "nccl"))
     _choice("data.byzantine_data", cfg.data.byzantine_data, ("all", "own"))
+    _choice("data.split", cfg.data.split, ("balanced", "official"))
+    _choice("data.sampling", cfg.data.sampling, ("stream", "epoch"))
     if cfg.data.partition == "dirichlet":
         _positive("data.alpha", cfg.data.alpha)
     w = cfg.workers

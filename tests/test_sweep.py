@@ -195,7 +195,9 @@ def test_paper_configs_expand_and_every_run_validates():
         for run in sw.runs:
             assert run.overrides.get("data.dataset", "mnist5k") == "mnist5k"
     assert set(counts) == {"fig1a", "fig1b", "fig1c", "fig2a", "fig2b", "fig2c", "fig3", "fig5",
-                           "bucketing", "smoke"}
+                           "bucketing", "official_mnist5k", "smoke"}
+    # official_mnist5k: 12 (rule, attack) cells x bucketing s in {0, 2} x 3 seeds.
+    assert counts["official_mnist5k"] == 12 * 2 * 3
     # fig3: 4 rules x 6 attacks x 2 resampling x 3 seeds, plus the f = 0 runs (4 x 2 x 3).
     assert counts["fig3"] == 4 * 6 * 2 * 3 + 4 * 2 * 3
     assert counts["bucketing"] == 4 * 2 * 2 * 5 * 3

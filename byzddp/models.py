@@ -45,42 +45,33 @@ class MnistCNN(nn.Module):
     nn.Dropout (and warns that 2-D input is deprecated; silenced below).
     """
 
+    dropout = nn.Dropout2d        # both dropouts
+    relu_after_conv2 = False
+
     def __init__(self, classes: int = 10):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 32, 3, 1)
         self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout2d(0.25)
-        self.dropout2 = nn.Dropout2d(0.5)
+        self.dropout1 = self.dropout(0.25)
+        self.dropout2 = self.dropout(0.5)
         self.fc1 = nn.Linear(9216, 128)
         self.fc2 = nn.Linear(128, classes)
 
     def forward(self, x):
         x = F.relu(self.conv1(x))
-        x = F.max_pool2d(self.conv2(x), 2)
+        x = self.conv2(x)
+        x = F.max_pool2d(F.relu(x) if self.relu_after_conv2 else x, 2)
         x = self.dropout1(x).flatten(1)
         x = self.dropout2(F.relu(self.fc1(x)))
         return self.fc2(x)
 
 
-class MnistCNNReLU(nn.Module):
+class MnistCNNReLU(MnistCNN):
     """`cnn_relu`: PyTorch's MNIST example network (a ReLU after conv2, element-wise dropout).
     Not the paper's network; kept because it trains better on non-iid shards without an attack."""
 
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, classes)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = self.dropout1(x).flatten(1)
-        x = self.dropout2(F.relu(self.fc1(x)))
-        return self.fc2(x)
+    dropout = nn.Dropout
+    relu_after_conv2 = True
 
 
 class BasicBlock(nn.Module):

@@ -111,7 +111,7 @@ def _main(argv) -> int:
               file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as e:
-        from byzddp.aggregators import NonFiniteError
+        from byzddp.errors import NonFiniteError
         from byzddp.io import OutputError
         if isinstance(e, OutputError):
             print(f"error: rank {_rank()}: {e}", file=sys.stderr)

@@ -19,9 +19,7 @@ from typing import Any, List, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config or bad input; the message is one line naming the key and the fix."""
+from byzddp.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
 
 
 @dataclass

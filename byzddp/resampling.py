@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from byzddp import streams
-from byzddp.aggregators import Columns, _columns, pairwise_squared_distances, sub_chunks
+from byzddp.geometry import Columns, columns_of, pairwise_squared_distances, sub_chunks
 from byzddp.config import ConfigError
 
 NAMES = ("none", "s_replacement", "bucketing", "with_replacement", "fixed_groups", "nnm")
@@ -95,7 +95,7 @@ class Resampler:
         if grads.dim() != 2 or grads.shape[0] < 1:
             raise ValueError(f"resampling {self.name}: expected an (n, d) tensor, got {tuple(grads.shape)}")
         if self.name == "nnm":
-            return self._resample(grads, generator, _columns(grads, columns))
+            return self._resample(grads, generator, columns_of(grads, columns))
         return self._resample(grads, generator)
 
     def _resample(self, x: Tensor, g: torch.Generator) -> Tuple[Tensor, List[Tensor]]:

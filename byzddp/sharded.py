@@ -6,7 +6,7 @@ each rank runs the same pre-aggregation (groups keyed by (seed, step), so every 
 same) and the same rule on its slice; the update slices are then all-gathered on every rank.
 Rank 0 no longer holds every row: each rank holds O(n d / world) of them.
 
-The slices follow the global column grid of `byzddp.aggregators.Columns`: the grid depends on d
+The slices follow the global column grid of `byzddp.geometry.Columns`: the grid depends on d
 and the device type only, and rank r holds a contiguous run of its chunks. What spans columns
 (the float64 Gram matrix of Krum, Multi-Krum, Bulyan, rfa's Weiszfeld distances, cclip's
 distances to its centre, nnm's neighbours) is a sum of per-chunk partials; the ranks all-gather
@@ -27,7 +27,7 @@ from typing import List
 import torch
 
 from byzddp import streams
-from byzddp.aggregators import Columns, grid_width
+from byzddp.geometry import Columns, grid_width
 
 
 def chunk_bounds(num_chunks: int, world: int) -> List[tuple]:

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from byzddp import aggregators as A
+from byzddp import geometry
+from byzddp.aggregators import sorting
+from byzddp.aggregators.krum import krum_scores
 from byzddp import config
 from byzddp.config import ConfigError
 
@@ -216,8 +219,8 @@ def test_rfa_with_one_iteration_is_the_normalized_mean():
 def test_every_order_statistic_kernel_follows_the_definition(kernel, device, monkeypatch):
     # The rules sort with the min/max network or torch.sort per device type; force each one on
     # every device, with network blocks of a few columns (several blocks per chunk).
-    monkeypatch.setattr(A, "_NETWORK_DEVICES", {"cpu", "cuda"} if kernel == "network" else set())
-    monkeypatch.setattr(A, "_NETWORK_BYTES", 64)
+    monkeypatch.setattr(sorting, "_NETWORK_DEVICES", {"cpu", "cuda"} if kernel == "network" else set())
+    monkeypatch.setattr(sorting, "_NETWORK_BYTES", 64)
     for n, b in ((7, 2), (8, 3), (2, 0), (1, 0), (17, 8), (32, 5)):
         x = spread_rows(n, 9, seed=n).to(device)
         for name, params in (("cm", {}), ("trimmed_mean", {"b": b})):
@@ -242,7 +245,7 @@ def test_column_chunks_do_not_change_the_result(name, monkeypatch):
         x[4] = math.nan  # the bad-row paths too
     whole = A.build(name, f=2)
     want = whole(x)
-    monkeypatch.setattr(A, "grid_width", lambda d, device: 3)  # 3 columns a chunk
+    monkeypatch.setattr(geometry, "grid_width", lambda d, device: 3)  # 3 columns a chunk
     chunked = A.build(name, f=2)
     torch.testing.assert_close(chunked(x), want, rtol=1e-12, atol=1e-12)
     assert (whole.selected is None) == (chunked.selected is None)
@@ -308,7 +311,7 @@ def test_krum_scores_are_sums_of_squared_distances():
     krum(x)
     # scores: 0 -> 1 + 9 = 10; 1 -> 1 + 4 = 5; 3 -> 4 + 9 = 13; 10 -> 49 + 81 = 130
     assert krum.selected.tolist() == [1]
-    scores = A._krum_scores(A.pairwise_squared_distances(x)[0], 0)
+    scores = krum_scores(A.pairwise_squared_distances(x)[0], 0)
     assert scores.tolist() == [10.0, 5.0, 13.0, 130.0]
 
 

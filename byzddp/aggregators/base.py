@@ -1,0 +1,78 @@
+"""What every robust rule shares: the call contract, the non-finite check, state for checkpoints."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from byzddp.errors import NonFiniteError
+from byzddp.geometry import Columns, columns_of
+
+
+def check_input(grads: Tensor, name: str) -> Tensor:
+    if not isinstance(grads, Tensor) or grads.dim() != 2 or grads.shape[0] < 1:
+        shape = tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__
+        raise ValueError(f"aggregator {name}: expected an (m, d) tensor with m >= 1 rows, got {shape}")
+    if not grads.is_floating_point():
+        raise ValueError(f"aggregator {name}: expected a floating-point tensor, got {grads.dtype}")
+    return grads
+
+
+class Aggregator:
+    """A robust rule: `rule(grads)` with grads (m, d) returns the (d,) aggregate and raises
+    NonFiniteError rather than return a non-finite one (that check reads one flag from the
+    device). `rule.aggregate(grads, columns)` is the same without the check, so without a host
+    sync: the training step checks the update on the device itself; with a `Columns` plan it
+    computes one rank's slice of the columns (`byzddp.sharded`).
+
+    `selected` holds the row indices the last call picked (Krum, Multi-Krum, Bulyan), else None.
+    """
+    name = ""
+    params: tuple = ()  # the parameters the rule takes besides f
+    stateful = False  # whether the rule keeps state that `settle` must confirm
+
+    def __init__(self, f: int = 0) -> None:
+        self.f = f
+        self.selected: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def __call__(self, grads: Tensor) -> Tensor:
+        out = self.aggregate(grads)
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(self._non_finite_message(grads.shape[0]))
+        return out
+
+    @torch.no_grad()
+    def aggregate(self, grads: Tensor, columns: Optional[Columns] = None) -> Tensor:
+        x = check_input(grads, self.name)
+        cols = columns_of(x, columns)
+        self.selected = None
+        out = self._aggregate(x, cols)
+        if cols.is_whole and self.stateful:
+            self.settle(torch.isfinite(out).all())
+        return out
+
+    def settle(self, finite: Tensor) -> None:
+        """Told (a device flag) whether the whole aggregate was finite; a slice's caller tells it
+        after combining the slices. Stateful rules keep their new state only then."""
+
+    def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
+        raise NotImplementedError
+
+    def _non_finite_message(self, m: int) -> str:
+        return (f"aggregator {self.name}: the aggregate of {m} rows is not finite: more rows hold "
+                f"NaN/Inf than the f={self.f} it tolerates; the update was not applied")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"aggregator {self.name} keeps no state, got keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={getattr(self, k)}" for k in ("f", *self.params))
+        return f"{self.name}({params})"
+
+

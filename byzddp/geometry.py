@@ -1,0 +1,158 @@
+"""Distances and Gram matrices of rows, over a global grid of column chunks: the one place
+the robust rules (`byzddp.aggregators`) and the pre-aggregations (`byzddp.resampling`) get them.
+
+Distances come from a float64 Gram matrix of the raw rows, never from `torch.cdist`'s
+matrix-multiply shortcut: the rounding error of a squared distance is then about 1e-16 times
+the squared norms of the two rows involved, so an outlier cannot spoil the distances between
+other rows (as centring on a mean would).
+
+Work over d follows a global grid of column chunks (`Columns`, `grid_width`: a function of d and
+the device type only). The Gram matrix is the sum, in chunk order, of per-chunk products, so one
+rank's slice of the columns (`byzddp.sharded`) gives bit for bit the whole call's numbers.
+See docs/design.md, "Exact sums over a column grid".
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, Optional
+
+import torch
+from torch import Tensor
+
+
+class Columns:
+    """The columns of the rows a call holds, placed in a global grid of chunks.
+
+    The grid cuts the d coordinates into chunks of `width` columns; `width` depends only on d
+    and the device type (`grid_width`), never on how many ranks share the work. A plain call
+    holds every chunk; under sharded aggregation (`byzddp.sharded`) a rank holds the chunks
+    [first, last). Every computation runs chunk by chunk on freshly made buffers of the same
+    shape in both cases, and a quantity that spans columns (a Gram matrix, inner products) is a
+    sum of per-chunk partials taken in chunk order. So a rank's slice of the result is bit for bit
+    the same columns of the whole call's result. `gather`, when given, maps this holder's stacked
+    partials to all chunks' partials in chunk order (a collective).
+    """
+
+    def __init__(self, d_total: int, width: int, first: int = 0, last: Optional[int] = None, gather=None):
+        self.d_total, self.width = d_total, max(1, width)
+        self.num_chunks = -(-d_total // self.width)
+        self.first = first
+        self.last = self.num_chunks if last is None else last
+        self.start = min(self.first * self.width, d_total)
+        self.stop = min(self.last * self.width, d_total)
+        self.gather = gather
+
+    @classmethod
+    def whole(cls, x: Tensor) -> "Columns":
+        d = x.shape[1]
+        return cls(d, grid_width(d, x.device))
+
+    @property
+    def is_whole(self) -> bool:
+        return self.gather is None
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def chunks(self) -> List[slice]:
+        """The held chunks, as slices of the held columns (local indices)."""
+        return [slice(c * self.width - self.start, min((c + 1) * self.width, self.d_total) - self.start)
+                for c in range(self.first, self.last)]
+
+    def total(self, partials: List[Tensor], like: Tensor) -> Tensor:
+        """The sum over every chunk of the grid of its partial, in chunk order. `like` is a zero
+        tensor of a partial's shape (for a holder with no chunks)."""
+        stacked = torch.stack(partials) if partials else like.new_zeros((0, *like.shape))
+        if self.gather is not None:
+            stacked = self.gather(stacked)
+        out = like.clone()
+        for part in stacked:  # a fixed order: the same sum on every rank and in every mode
+            out += part
+        return out
+
+
+def grid_width(d: int, device: torch.device) -> int:
+    """Columns per chunk of the global grid: a multiple of 1024 (aligned rows), about d/16 so that
+    slices balance over a few ranks, at most 2^16 columns on CPU (a float64 chunk of 128 rows is
+    64 MiB) and 2^18 on a GPU (fewer launches)."""
+    cap = 1 << 18 if device.type == "cuda" else 1 << 16
+    return min(cap, max(1, -(-d // (16 * 1024))) * 1024)
+
+
+def columns_of(x: Tensor, columns: Optional[Columns]) -> Columns:
+    if columns is None:
+        return Columns.whole(x)
+    if columns.size != x.shape[1]:
+        raise ValueError(f"the rows hold {x.shape[1]} columns but the column plan {columns.size}")
+    return columns
+
+
+def gram_matrix(x: Tensor, centre: Optional[Tensor] = None, columns: Optional[Columns] = None) -> tuple:
+    """(G, good, p, q): G = x x^T in float64, the sum of per-chunk products in chunk order, with
+    the rows and columns of non-finite rows zeroed; `good` marks the finite rows; given a
+    `centre` c (the held columns), also p = x c (zero on bad rows) and q = ||c||^2 in float64,
+    else None.
+
+    A NaN/Inf entry only spoils its own row and column of the product, and always its diagonal
+    entry, which is how a bad row is found (a row so large that its squared norm overflows
+    float64 counts as bad too; impossible for float32 inputs).
+    """
+    cols = columns_of(x, columns)
+    n = x.shape[0]
+    width = n * n + (n + 1 if centre is not None else 0)
+    partials = []
+    for c in cols.chunks():
+        part = x[:, c].to(torch.float64).contiguous()
+        pieces = [(part @ part.T).reshape(-1)]
+        if centre is not None:
+            cc = centre[c].to(torch.float64).contiguous()
+            pieces += [part @ cc, (cc @ cc).reshape(1)]
+        partials.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+    total = cols.total(partials, torch.zeros(width, dtype=torch.float64, device=x.device))
+    gram = total[:n * n].view(n, n)
+    good = torch.isfinite(gram.diagonal())
+    both = good[:, None] & good[None, :]
+    gram = torch.where(both, gram, torch.zeros_like(gram))
+    p = q = None
+    if centre is not None:
+        p = torch.where(good, total[n * n:n * n + n], torch.zeros(n, dtype=torch.float64, device=x.device))
+        q = total[-1]
+    return gram, good, p, q
+
+
+def pairwise_squared_distances(x: Tensor, columns: Optional[Columns] = None) -> tuple:
+    """(D, good): D[i, j] = ||x_i - x_j||^2 in float64 and `good` marks the finite rows.
+
+    From the float64 Gram matrix of the raw rows: the rounding error of D[i, j] is about 1e-16
+    (||x_i||^2 + ||x_j||^2), whatever the other rows hold. Every distance from or to a non-finite
+    row is +Inf, its own included; D[i, i] = 0 for good rows.
+    """
+    gram, good, _, _ = gram_matrix(x, columns=columns)
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min_(0)
+    dist.fill_diagonal_(0)
+    both = good[:, None] & good[None, :]
+    return torch.where(both, dist, torch.full_like(dist, math.inf)), good
+
+
+def sub_chunks(cols: Columns, rows: int, element_size: int) -> Iterator[slice]:
+    """The held grid chunks cut into pieces of about 1 MiB for `rows` rows (a multiple of 1024
+    columns), the same pieces on a slice as on the whole: for products whose zeroed copy of the
+    data should stay in cache."""
+    width = max(1, (1 << 20) // (max(rows, 1) * element_size * 1024)) * 1024
+    for chunk in cols.chunks():
+        for start in range(chunk.start, chunk.stop, width):
+            yield slice(start, min(start + width, chunk.stop))
+
+
+def weighted_sum(w: Tensor, x: Tensor, good: Tensor, cols: Columns) -> Tensor:
+    """sum_i w_i x_i in x's dtype, for float64 weights w that are zero on the bad rows; piece by
+    piece, no host sync. A bad row's non-finite entries are zeroed first (0 * NaN would still be
+    NaN); a good row has none, so nothing else changes (nan_to_num is cheaper than a row mask)."""
+    out = x.new_empty(x.shape[1])
+    w = w.to(x.dtype)
+    for c in sub_chunks(cols, x.shape[0], x.element_size()):
+        out[c] = w @ torch.nan_to_num(x[:, c], nan=0.0, posinf=0.0, neginf=0.0)
+    return out
+

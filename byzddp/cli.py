@@ -10,9 +10,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from byzddp import config as config_mod
-from byzddp.config import ConfigError
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+from byzddp.config import DEFAULT_CONFIG, ConfigError
 
 
 def parse_args(argv):

@@ -256,6 +256,30 @@ def from_dict(tree: dict) -> Config:
 
 
 def load(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    return from_dict(apply_overrides(_file_tree(path), list(overrides or [])))
+
+
+# What train.py reads without --config (and a sweep's runs without `base:`).
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def layered(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> dict:
+    """The config tree before any check: the defaults, then the file, then the overrides.
+
+    A sweep reads dotted keys of it to match its conditions on points that are not yet
+    complete configs (a `when` rule may still fix them)."""
+    def merge(into: dict, upper: dict) -> None:
+        for key, value in upper.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+    tree = to_dict(Config())
+    merge(tree, _file_tree(path))
+    return apply_overrides(tree, list(overrides or []))
+
+
+def _file_tree(path: Optional[str | Path]) -> dict:
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -281,7 +305,7 @@ def load(path: Optional[str | Path] = None, overrides: Optional[list[str]] = Non
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} holds a {type(tree).__name__}, not a mapping of "
                               f"sections; write it like `train: {{steps: 100}}`")
-    return from_dict(apply_overrides(tree, list(overrides or [])))
+    return tree
 
 
 def to_dict(cfg: Config) -> dict:

@@ -4,23 +4,27 @@ Three kinds, each a function from plain data to a PNG, so they are usable outsid
 - `accuracy_curves`: test accuracy over steps, one panel per (row, column), one colour per
   series, mean over seeds with a min-max band; reference series (f = 0) dotted;
 - `selection_histogram`: how often each logical worker was selected by the rule (Krum),
-  Byzantine workers in red and hatched;
+  Byzantine workers in red and hatched; with a rotating Byzantine set (no fixed ids) the
+  bars are not split and the panel says so;
 - `heatmap`: final accuracy over (rule x attack), one grid per split value, numbers written in.
-`byzddp.sweep` gathers the data from run folders and calls these.
+`byzddp.sweep.report` gathers the data from run folders and calls these. Files are written
+with byzddp.io.write_atomic: a reader never sees half a PNG.
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from byzddp import io as run_io  # noqa: E402
 
 Curve = Tuple[Sequence[float], Sequence[float]]  # (steps, accuracy in [0, 1]) of one seed
 
@@ -57,17 +61,15 @@ def mean_band(curves: Sequence[Curve]) -> Tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _save(fig, path: Path) -> Path:
-    """Write the PNG under a temporary name, then rename: no half-written figure."""
+    """Render the PNG in memory, then write it in one rename: no half-written figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
+    run_io.write_atomic(path, buf.getvalue())
     return path
 
 
@@ -127,7 +129,12 @@ def accuracy_curves(panels: Dict[Tuple[str, str], List[Series]], rows: Sequence[
 class Selection:
     """Krum's picks over a run (summed over seeds): count per logical worker."""
     counts: List[int]
-    byzantine: List[int]             # logical worker ids that were Byzantine
+    byzantine: Optional[List[int]]   # logical worker ids that were Byzantine; None: rotating set
+
+    @property
+    def split(self) -> bool:
+        """Whether the counts split into honest and Byzantine workers (a fixed set)."""
+        return self.byzantine is not None
 
 
 def selection_fractions(counts: Sequence[int]) -> np.ndarray:
@@ -135,6 +142,16 @@ def selection_fractions(counts: Sequence[int]) -> np.ndarray:
     c = np.asarray(counts, dtype=np.float64)
     total = c.sum()
     return c / total if total > 0 else c
+
+
+ROTATING = "worker (Byzantine set rotates each step: no split; dashed: 1/n)"
+
+
+def selection_label(sel: Selection) -> str:
+    """What the bars' colours mean: which workers were Byzantine, or that no fixed set was."""
+    if not sel.split:
+        return ROTATING
+    return "worker (red: Byzantine; dashed: 1/n)" if sel.byzantine else "worker (dashed: 1/n)"
 
 
 def selection_histogram(panels: Dict[Tuple[str, str], Selection], rows: Sequence[str],
@@ -151,8 +168,9 @@ def selection_histogram(panels: Dict[Tuple[str, str], Selection], rows: Sequence
                 continue
             share = selection_fractions(sel.counts)
             workers = np.arange(len(share))
-            bad = set(sel.byzantine)
-            colours = ["tab:red" if w in bad else "tab:blue" for w in workers]
+            bad = set(sel.byzantine or ())
+            colours = ["tab:red" if w in bad else ("tab:blue" if sel.split else "tab:grey")
+                       for w in workers]
             bars = ax.bar(workers, share, color=colours)
             for w, bar in zip(workers, bars):
                 if w in bad:
@@ -161,7 +179,7 @@ def selection_histogram(panels: Dict[Tuple[str, str], Selection], rows: Sequence
             ax.axhline(1.0 / len(share), color="grey", linestyle="--", linewidth=1)
             ax.set_xticks(workers)
             ax.tick_params(axis="x", labelsize=7)
-            ax.set_xlabel("worker (red: Byzantine; dashed: 1/n)" if bad else "worker (dashed: 1/n)")
+            ax.set_xlabel(selection_label(sel), fontsize=None if sel.split else 7)
             if j == 0:
                 ax.set_ylabel("share of selections")
     if title:

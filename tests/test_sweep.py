@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from byzddp import config, sweep
+from byzddp.sweep import runner
 from byzddp.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -363,7 +364,7 @@ def test_a_failed_run_is_reported_and_does_not_stop_the_others(tmp_path, fake_tr
 
 def test_main_exits_nonzero_when_a_run_failed(tmp_path, fake_train, monkeypatch):
     command, _, _, expect = fake_train
-    monkeypatch.setattr(sweep, "train_command", lambda nproc=None: command)
+    monkeypatch.setattr(runner, "train_command", lambda nproc=None: command)
     monkeypatch.setenv("FAIL_RUN", "cm-bitflip-seed0")
     grid = write_grid(tmp_path, grid_spec(grid={"attack.name": ["bitflip"]}, seeds=[0]))
     expect(sweep.load_grid(grid))
@@ -381,7 +382,7 @@ def test_nproc_runs_each_run_under_torchrun(tmp_path, fake_train, monkeypatch):
     assert sweep.train_command() == [sys.executable, str(ROOT / "train.py")]
     fake, started, _, expect = fake_train
     asked = []
-    monkeypatch.setattr(sweep, "train_command", lambda nproc=None: asked.append(nproc) or fake)
+    monkeypatch.setattr(runner, "train_command", lambda nproc=None: asked.append(nproc) or fake)
     grid = write_grid(tmp_path, grid_spec(grid={"attack.name": ["bitflip"]}, seeds=[0]))
     expect(sweep.load_grid(grid))
     assert sweep.main([str(grid), "--out", str(tmp_path / "out"), "--nproc", "2"]) == 0
@@ -461,7 +462,8 @@ def test_results_csv_and_markdown_from_run_folders(tmp_path):
     assert set(tables) == {"resampling.name = none", "resampling.name = s_replacement"}
     for res in ("none", "s_replacement"):
         table = tables[f"resampling.name = {res}"]
-        assert table[0] == ["rule", "bitflip", "labelflip", "f=0"]
+        # Both columns are attacks: a worst-case column after the f = 0 one.
+        assert table[0] == ["rule", "bitflip", "labelflip", "f=0", "worst case"]
         for line in table[1:]:
             rule = line[0]
             for attack, cell in zip(["bitflip", "labelflip"], line[1:3]):

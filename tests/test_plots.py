@@ -1,4 +1,5 @@
 """Plots: the numbers behind them (brute force) and valid PNG files from run folders."""
+import json
 import math
 import random
 from pathlib import Path
@@ -169,3 +170,26 @@ def test_heatmap_values_are_seed_means(tmp_path, monkeypatch):
                        for s in (0, 1)]
                 want = sum(100.0 * curves[i_][-1][1] for i_ in ids) / 2
                 assert math.isclose(m.values[i, j], want, rel_tol=1e-12)
+
+
+def test_a_rotating_byzantine_set_is_not_split_and_the_plot_says_so(tmp_path, monkeypatch):
+    sw = fig3_like(tmp_path)
+    _, selections = fill(sw)
+    # The runs of one cell say their set rotated (attack.rotate): no fixed ids to mark.
+    for s in (0, 1):
+        path = sw.runs_dir / f"cm-bitflip-none-seed{s}" / "summary.json"
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps(summary | {"byzantine_policy": "rotating"}))
+    seen = {}
+    monkeypatch.setattr(plots, "selection_histogram",
+                        lambda panels, rows, cols, path, title="": seen.setdefault(path.name, panels) and path)
+    sweep.draw_plots(sw, sweep.collect(sw))
+    panels = seen["selection-cm.png"]
+    rotating = panels[("attack=bitflip", "resampling=none")]
+    assert rotating.byzantine is None and not rotating.split
+    assert rotating.counts == [sum(selections[f"cm-bitflip-none-seed{s}"][w] for s in (0, 1)) for w in range(6)]
+    assert "rotates" in plots.selection_label(rotating)
+    fixed = panels[("attack=labelflip", "resampling=none")]
+    assert fixed.byzantine == [5] and "red: Byzantine" in plots.selection_label(fixed)
+    monkeypatch.undo()          # the real histogram draws the unsplit panel
+    assert_png(plots.selection_histogram({("", "x"): rotating}, [""], ["x"], tmp_path / "r.png"))

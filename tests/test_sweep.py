@@ -487,7 +487,8 @@ def test_report_only_rebuilds_from_the_folder(tmp_path):
 
 # ---------------------------------------------------------------------------- end to end
 
-def test_end_to_end_two_tiny_runs_through_train_py(tmp_path):
+@pytest.mark.slow
+def test_end_to_end_two_tiny_runs_through_train_py(tmp_path, monkeypatch, capsys):
     """The real train.py, two runs side by side, then the report."""
     spec = {"name": "e2e",
             "set": {"train.steps": 3, "train.eval_every": 3, "workers.n": 4, "workers.byzantine": 0,
@@ -497,9 +498,9 @@ def test_end_to_end_two_tiny_runs_through_train_py(tmp_path):
             "seeds": [0]}
     grid = write_grid(tmp_path, spec)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "byzddp.sweep", str(grid), "--out", str(out),
-                           "--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(ROOT)
+    assert sweep.main([str(grid), "--out", str(out), "--jobs", "2"]) == 0, capsys.readouterr().err[-3000:]
+    capsys.readouterr()
     sw = sweep.load_grid(grid, out=out)
     assert [r.id for r in sw.runs] == ["iid-seed0", "sorted-seed0"]
     for run in sw.runs:
@@ -510,7 +511,59 @@ def test_end_to_end_two_tiny_runs_through_train_py(tmp_path):
     assert [r["status"] for r in rows] == ["done", "done"]
     assert (out / "plots" / "curves.png").is_file()
     # Resume: the same command again starts nothing.
-    again = subprocess.run([sys.executable, "-m", "byzddp.sweep", str(grid), "--out", str(out)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "2 runs (2 finished)" in again.stderr
-    assert "] done " not in again.stderr
+    assert sweep.main([str(grid), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "2 runs (2 finished)" in err and "] done " not in err
+
+
+# ---------------------------------------------------------------------------- worst case, -m
+
+def test_worst_case_column_is_the_brute_force_min_over_attacks(tmp_path):
+    spec = grid_spec(grid={"attack.name": ["none", "bitflip", "labelflip", "alie"],
+                           "resampling.name": ["none", "s_replacement"]},
+                     table={"rows": "rule", "columns": "attack.name", "split": "resampling.name"})
+    sw = sweep.load_grid(write_grid(tmp_path, spec), out=tmp_path / "out")
+    acc = {}
+    for k, run in enumerate(sw.runs):
+        if run.id == "cm-alie-none-seed1":     # a cell with one seed of two
+            continue
+        acc[run.id] = round(0.3 + 0.6 * math.sin(2.3 * k + 0.7) ** 2, 6)
+        fake_finished(sw, run, acc[run.id])
+    # No attack at all beats every attack here: "none" must not count as one.
+    for rule in ("mean", "cm"):
+        for res in ("none", "s_replacement"):
+            for s_ in (0, 1):
+                acc[f"{rule}-none-{res}-seed{s_}"] = 0.01
+                fake_finished(sw, next(r for r in sw.runs if r.id == f"{rule}-none-{res}-seed{s_}"), 0.01)
+    md = sweep.write_report(sw)["markdown"].read_text()
+    for res in ("none", "s_replacement"):
+        block = md.split(f"## resampling.name = {res}")[1].split("## ")[0]
+        lines = [[c.strip() for c in l.strip("|").split("|")] for l in block.splitlines() if l.startswith("| ")]
+        assert lines[0][-1] == "worst case"
+        for line in lines[1:]:
+            rule = line[0]
+            means = {}
+            for attack in ("bitflip", "labelflip", "alie"):
+                got = [100.0 * acc[i] for i in (f"{rule}-{attack}-{res}-seed{s_}" for s_ in (0, 1)) if i in acc]
+                means[attack] = sum(got) / len(got)
+            attack = min(means, key=means.get)
+            assert line[-1] == f"{means[attack]:.2f} ({attack})"
+
+
+def test_no_worst_case_column_without_an_attack_axis(tmp_path):
+    spec = grid_spec(grid={"resampling.name": ["none", "s_replacement"]}, seeds=[0])
+    sw = sweep.load_grid(write_grid(tmp_path, spec), out=tmp_path / "out")
+    for run in sw.runs:
+        fake_finished(sw, run, 0.5)
+    md = sweep.write_report(sw)["markdown"].read_text()
+    header = next(l for l in md.splitlines() if l.startswith("| "))
+    assert "worst case" not in header and "50.00" in md
+
+
+def test_python_m_byzddp_sweep_runs_main(tmp_path, monkeypatch, capsys):
+    import runpy
+    grid = write_grid(tmp_path, grid_spec(grdi={}))
+    monkeypatch.setattr(sys, "argv", ["byzddp.sweep", str(grid), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module("byzddp.sweep", run_name="__main__", alter_sys=True)
+    assert stop.value.code == 2 and "grdi" in capsys.readouterr().err

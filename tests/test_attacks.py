@@ -418,9 +418,10 @@ def test_exact_sum_marks_non_finite_coordinates_and_handles_empty_ranks():
 def test_alie_z_from_n_and_f():
     assert attacks.alie_z(25, 5) == pytest.approx(0.2533, abs=1e-4)
     assert attacks.alie_z(10, 2) == pytest.approx(0.0, abs=1e-12)   # the table's setting: z = 0
-    assert attacks.ALIE(config.load(None, ["attack.name=alie", "workers.n=25", "workers.byzantine=5"])).z \
-        == pytest.approx(0.2533, abs=1e-4)
-    assert attacks.ALIE(config.load(None, ["attack.name=alie", "attack.z=1.5"])).z == 1.5
+    assert attacks.from_config(config.load(None, ["attack.name=alie", "workers.n=25", "workers.byzantine=5"])) \
+        .z_for(25, 5) == pytest.approx(0.2533, abs=1e-4)
+    assert attacks.from_config(config.load(None, ["attack.name=alie", "attack.z=1.5"])).z_for(25, 5) == 1.5
+    assert attacks.build("alie").z_for(10, 0) == 0.0                 # nobody attacks: nothing to derive
 
 
 def test_search_gamma_finds_the_edge_of_an_interval():

@@ -18,6 +18,8 @@ What each attack pays for on the wire (d = model size; nothing at all when no wo
                         of the target's vector from the rank hosting it
     mimic2              one broadcast of group one's vector
     minmax, minsum      one all_gather of every worker's vector (the whole honest set)
+    fang                one exact sum (the sign of the honest mean) and two MAX all_reduces of
+                        d values (the honest max and min); Fang et al. 2020, median target
 
 Exact sums: `exact_sum` adds honest vectors as fixed-point 64-bit integers, so the sum is
 bit-identical for any number of ranks (see docs/design.md, Exact sums of honest vectors).
@@ -34,6 +36,7 @@ from typing import Dict, List, Type
 import torch
 
 from byzddp import streams
+from byzddp.attacks.fang import Fang
 from byzddp.attacks.base import Attack, AttackContext, copy_of, exact_sum, honest_mean, honest_std
 from byzddp.attacks.omniscient import (ALIE, IPM, MinMax, MinSum, Mimic, Mimic2, NormalizedMean, alie_z,
                                        search_gamma)
@@ -45,7 +48,7 @@ __all__ = ["ATTACKS", "Attack", "AttackContext", "alie_z", "build", "byzantine_s
 
 ATTACKS: Dict[str, Type[Attack]] = {cls.name: cls for cls in (
     Attack, BitFlip, LabelFlip, Gaussian, NormalizedMean, Mimic, Mimic2, ALIE, IPM, MinMax, MinSum,
-    NaN, Inf, Zero, Stale)}
+    NaN, Inf, Zero, Stale, Fang)}
 
 
 def real_f(cfg) -> int:

@@ -81,6 +81,7 @@ class AttackConfig:
     perturbation: str = "std"       # minmax/minsum: std | unit | sign
     gamma_init: float = 10.0        # minmax/minsum: first gamma of the binary search
     gamma_tol: float = 1e-5         # minmax/minsum: binary search stops at this step size
+    target: str = "median"          # fang: the rule type attacked (median; krum not implemented)
 
 
 @dataclass

@@ -77,7 +77,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.resampler = resampling.from_config(cfg)
         self.aggregator = aggregators.from_config(cfg)
-        self.attack = attacks.build(cfg)
+        self.attack = attacks.from_config(cfg)
         self.exchange = Exchange(topo)
         # train.exchange=sharded: every rank aggregates a column slice (byzddp/sharded.py); it
         # wraps self.aggregator so that cclip's sliced centre checkpoints whole.

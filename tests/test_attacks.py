@@ -43,11 +43,12 @@ CASES = {
     "stale-rotate": ["attack.name=stale", "attack.delay=1", "attack.rotate=true", "attack.count=3"],
     "mimic": ["attack.name=mimic", "attack.warmup=2"],
     "mimic2": ["attack.name=mimic2", "data.partition=two_groups"],
+    "fang": ["attack.name=fang"],
 }
 RESUME = ["stale", "stale-rotate", "mimic"]
 # Each attack of the issue and the no-attack run it must differ from.
 BASELINE = {name: "none" for name in ("bitflip", "labelflip", "gaussian", "nm", "alie", "ipm", "minmax",
-                                      "minsum", "nan", "inf", "zero", "stale", "mimic")}
+                                      "minsum", "nan", "inf", "zero", "stale", "mimic", "fang")}
 BASELINE["mimic2"] = "none-two-groups"
 
 
@@ -229,6 +230,18 @@ def check_case(label, res):
             assert all(torch.equal(rows[t][w], rows[t][groups[1][0]]) for w in groups[1])
             assert not torch.equal(rows[t][groups[0][0]], rows[t][groups[1][0]])
             assert torch.equal(forged[0], rows[t][groups[0][0]])
+        elif name == "fang":
+            s = g.mean(0).sign()
+            top, low = g.max(0).values, g.min(0).values
+            for w in byz:
+                b = 1 + torch.rand(rows.shape[-1], generator=streams.generator("fang", cfg.seed, t, w),
+                                   dtype=torch.float64)
+                for j in range(0, rows.shape[-1], 97):      # coordinate by coordinate, a sample
+                    e = float(low[j]) if s[j] > 0 else float(top[j])
+                    out = (e < 0) if s[j] > 0 else (e > 0)
+                    want = e * float(b[j]) if out else e / float(b[j])
+                    assert float(sent[t][w][j]) == pytest.approx(want, rel=1e-6, abs=1e-30)
+                    assert (float(sent[t][w][j]) <= e) if s[j] > 0 else (float(sent[t][w][j]) >= e)
         else:
             raise AssertionError(f"no formula for {label}")
 
@@ -418,9 +431,10 @@ def test_exact_sum_marks_non_finite_coordinates_and_handles_empty_ranks():
 def test_alie_z_from_n_and_f():
     assert attacks.alie_z(25, 5) == pytest.approx(0.2533, abs=1e-4)
     assert attacks.alie_z(10, 2) == pytest.approx(0.0, abs=1e-12)   # the table's setting: z = 0
-    assert attacks.ALIE(config.load(None, ["attack.name=alie", "workers.n=25", "workers.byzantine=5"])).z \
-        == pytest.approx(0.2533, abs=1e-4)
-    assert attacks.ALIE(config.load(None, ["attack.name=alie", "attack.z=1.5"])).z == 1.5
+    assert attacks.from_config(config.load(None, ["attack.name=alie", "workers.n=25", "workers.byzantine=5"])) \
+        .z_for(25, 5) == pytest.approx(0.2533, abs=1e-4)
+    assert attacks.from_config(config.load(None, ["attack.name=alie", "attack.z=1.5"])).z_for(25, 5) == 1.5
+    assert attacks.build("alie").z_for(10, 0) == 0.0                 # nobody attacks: nothing to derive
 
 
 def test_search_gamma_finds_the_edge_of_an_interval():
@@ -462,6 +476,7 @@ def test_rotating_set_is_keyed_by_seed_and_step():
     (["attack.name=minsum", "attack.perturbation=cos"], "attack.perturbation"),
     (["attack.name=minmax", "attack.gamma_init=0"], "attack.gamma_init"),
     (["attack.name=minmax", "attack.gamma_tol=20"], "attack.gamma_tol"),
+    (["attack.name=fang", "attack.target=krum"], "attack.target"),
 ])
 def test_bad_attack_settings_name_the_key_in_one_line(overrides, key):
     with pytest.raises(ConfigError) as e:

@@ -1,0 +1,158 @@
+"""What every attack shares: the context it forges in, exact sums of honest vectors over the
+Exchange, and the Attack base class (its parameters, their checks, state for checkpoints)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from byzddp.errors import ConfigError
+
+
+@dataclass
+class AttackContext:
+    step: int
+    seed: int
+    rows: torch.Tensor          # (block, d): this rank's vectors, in the order of `workers`
+    workers: range              # logical workers hosted here
+    byzantine: List[int]        # logical ids of the Byzantine workers at this step
+    exchange: object            # byzddp.exchange.Exchange
+    n: int
+    f_declared: int
+
+    @property
+    def local_byzantine(self) -> List[int]:
+        """Row positions (into `rows`) of the Byzantine workers hosted here."""
+        return [i for i, w in enumerate(self.workers) if w in self.byzantine]
+
+    @property
+    def honest_mask(self) -> torch.Tensor:
+        """(block,) bool on the rows' device: which local rows are honest (padding is not)."""
+        mask = torch.zeros(self.rows.shape[0], dtype=torch.bool)
+        for i, w in enumerate(self.workers):
+            mask[i] = w not in self.byzantine
+        return mask.to(self.rows.device)
+
+    @property
+    def local_honest(self) -> List[torch.Tensor]:
+        """The honest vectors hosted here, one (d,) view each, in worker order."""
+        return [self.rows[i] for i, w in enumerate(self.workers) if w not in self.byzantine]
+
+    @property
+    def honest(self) -> List[int]:
+        """Logical ids of every honest worker at this step."""
+        return [w for w in range(self.n) if w not in self.byzantine]
+
+    @property
+    def d(self) -> int:
+        return self.rows.shape[1]
+
+    def send(self, vector: torch.Tensor) -> None:
+        """Every local Byzantine worker sends `vector` (cast to the rows' dtype)."""
+        for i in self.local_byzantine:
+            self.rows[i].copy_(vector)
+
+
+# ---------------------------------------------------------------------------- exact sums
+
+EXP_FLOOR = -149            # float32's smallest subnormal is 2**-149: nothing below matters
+EXP_NONFINITE = 2000        # above any finite float64 exponent: marks inf/nan coordinates
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2**e as float64, built from the exponent bits (exact; e within the normal range)."""
+    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
+def exact_sum(vectors: List[torch.Tensor], exchange, terms: int, d: int, device) -> torch.Tensor:
+    """The sum over all ranks of every rank's `vectors`, as float64, bit-identical for any
+    number of ranks. `terms` bounds how many vectors there are in all (sets the headroom).
+    A coordinate where any input is inf or nan comes out nan. Collective."""
+    headroom = max(1, math.ceil(math.log2(max(terms, 2))))
+    largest = torch.zeros(d, dtype=torch.float64, device=device)
+    for v in vectors:                                   # row by row: no (k, d) temporaries
+        torch.maximum(largest, v.abs(), out=largest)    # nan and inf propagate
+    top = torch.frexp(largest).exponent                 # largest < 2**top
+    top = torch.where(largest > 0, top, torch.full_like(top, EXP_FLOOR)).clamp(min=EXP_FLOOR)
+    top = torch.where(torch.isfinite(largest), top, torch.full_like(top, EXP_NONFINITE))
+    exchange.all_reduce_max(top)
+    bad = top >= EXP_NONFINITE
+    shift = (62 - headroom) - top.clamp(max=1024).to(torch.int64)
+    scale = _pow2(shift)
+    total = torch.zeros(d, dtype=torch.int64, device=device)
+    for v in vectors:       # |v * scale| < 2**(62 - headroom); truncation toward zero
+        total += torch.nan_to_num(v * scale, nan=0.0, posinf=0.0, neginf=0.0).to(torch.int64)
+    exchange.all_reduce_sum(total)
+    out = total.to(torch.float64) * _pow2(-shift)
+    return out.masked_fill(bad, float("nan"))
+
+
+def honest_mean(ctx: AttackContext) -> torch.Tensor:
+    """Mean of the honest vectors (float64, on every rank). Collective."""
+    honest = ctx.local_honest
+    return exact_sum(honest, ctx.exchange, ctx.n, ctx.d, ctx.rows.device) / len(ctx.honest)
+
+
+def honest_std(ctx: AttackContext, mean: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise sample std (denominator h - 1, as torch.std) of the honest vectors."""
+    squares = [torch.sub(g, mean).square_() for g in ctx.local_honest]     # float64
+    total = exact_sum(squares, ctx.exchange, ctx.n, ctx.d, ctx.rows.device)
+    return (total / (len(ctx.honest) - 1)).sqrt()
+
+
+def copy_of(ctx: AttackContext, worker: int) -> torch.Tensor:
+    """The vector `worker` is about to send, on every rank (a broadcast from its rank)."""
+    if worker in ctx.workers:
+        buf = ctx.rows[worker - ctx.workers.start].clone()
+    else:
+        buf = torch.empty(ctx.d, dtype=ctx.rows.dtype, device=ctx.rows.device)
+    return ctx.exchange.broadcast_from_worker(worker, buf)
+
+# ---------------------------------------------------------------------------- attacks
+
+def require_positive(key: str, value) -> None:
+    """One-line ConfigError naming attack.<key> unless value > 0."""
+    if not value > 0:
+        raise ConfigError(f"config key attack.{key}: must be > 0, got {value}")
+
+
+class Attack:
+    name = "none"
+    params: tuple = ()          # the parameters the constructor takes (keywords, with defaults)
+    needs_gradient = True       # Byzantine workers first compute an honest-looking vector
+    min_honest = 0              # honest workers the attack needs to be defined at all
+    fixed_set = False           # copies fixed honest workers: no rotating Byzantine set
+    partition: Optional[str] = None     # the data.partition the attack needs, if any
+    positive: tuple = ()        # parameters that must be > 0
+
+    @classmethod
+    def check_values(cls, **params) -> None:
+        """One-line ConfigError for a parameter value that is never valid (checked whichever
+        attack is chosen: such a value is a typo)."""
+        for key in cls.positive:
+            if key in params:
+                require_positive(key, params[key])
+
+    @classmethod
+    def check(cls, n: int, f: int, f_key: str = "attack.count", **params) -> None:
+        """One-line ConfigError for bad parameters or an (n, f) the attack cannot run on;
+        f = the real number of attackers, f_key = the config key that set it."""
+        cls.check_values(**params)
+        if f > 0 and n - f < cls.min_honest:
+            raise ConfigError(f"config key {f_key}: attack {cls.name} needs at least {cls.min_honest} "
+                              f"honest workers, n - f = {n - f}; lower it or raise workers.n")
+
+    def labels(self, y: torch.Tensor, classes: int) -> torch.Tensor:
+        """Labels a Byzantine worker trains on (honest ones always use the true labels)."""
+        return y
+
+    def forge(self, ctx: AttackContext) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -567,3 +567,22 @@ def test_python_m_byzddp_sweep_runs_main(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         runpy.run_module("byzddp.sweep", run_name="__main__", alter_sys=True)
     assert stop.value.code == 2 and "grdi" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_the_running_runs_and_starts_no_other(tmp_path, fake_train, monkeypatch):
+    import os
+    import signal
+    import threading
+    import time
+    command, started, calls, expect = fake_train
+    monkeypatch.setenv("FAKE_SLEEP", "60")
+    sw = small_sweep(tmp_path)                  # 4 runs, 2 at a time
+    expect(sw)
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()   # as a terminal's Ctrl-C
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(sw, jobs=2, command=command, progress=False)
+    assert time.monotonic() - began < 30        # SIGTERM ended the sleeping runs at once
+    assert len(started()) == 2                  # the queued two never started
+    assert not any("end" in json.loads(l) for l in calls.read_text().splitlines())
+    assert [sweep.status(sw, r) for r in sw.runs] == ["pending"] * 4

@@ -233,7 +233,9 @@ def run_sweep(sweep: Sweep, jobs: int = 1, nproc: Optional[int] = None,
         futures = [(pool.submit(launch, run), run) for run in todo]   # started in this order
         pending = {f for f, _ in futures}
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            # A timeout, so that Ctrl-C is seen within a second even when the kernel hands
+            # SIGINT to a pool thread (a blocked wait in the main thread would miss it).
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
             for fut, run in futures:
                 if fut in done:
                     ended += 1

@@ -59,7 +59,7 @@ def main():
     step_ms, save_ms = statistics.median(steps) * 1e3, statistics.median(saves) * 1e3
     print(f"| {args.model} | {trainer.d:,} | {args.workers} | {size / 2**20:.1f} MiB | {step_ms:.0f} | "
           f"{save_ms:.0f} | {every} | {save_ms / every / step_ms * 100:.2f}% |")
-    distributed.teardown()
+    distributed.teardown(clean=True)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def main() -> int:
                   f"{gather_ms / all_reduce_ms:.1f} | {sharded_ms / all_reduce_ms:.1f} | {whole_ms:.0f} | "
                   f"{slice_ms:.0f} |" + ("" if same else " (updates differ!)"), flush=True)
         del t, server
-    distributed.teardown()
+    distributed.teardown(clean=True)
     return 0
 
 

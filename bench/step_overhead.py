@@ -99,7 +99,7 @@ def main():
     if topo.is_server:
         print(f"| {args.model} | {harness.d:,} | {topo.world} x {topo.device.type} ({topo.backend}) | "
               f"{args.batch} | {harness_ms:.1f} | {ddp_ms:.1f} | {harness_ms / ddp_ms:.2f} |")
-    distributed.teardown()
+    distributed.teardown(clean=True)
     return 0
 
 

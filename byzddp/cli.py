@@ -47,6 +47,7 @@ def run(argv=None) -> int:
     topo = distributed.setup(cfg)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     folder = log = None
+    clean = False  # every rank got to the end of the run (finished or stopped by a signal)
     try:
         run_dir = Path(cfg.log.dir) / config_mod.run_name(cfg)
         folder = claim(cfg, run_dir, topo)    # one config per folder, one live run at a time
@@ -59,6 +60,7 @@ def run(argv=None) -> int:
             log.finish(None)
             if topo.is_server:
                 print(f"byzddp: {stop}; resume with train.resume=auto", file=sys.stderr, flush=True)
+            clean = True
             return 128 + stop.signum
         summary["config_hash"] = config_mod.config_hash(cfg)
         summary["threads"] = torch.get_num_threads()
@@ -68,6 +70,7 @@ def run(argv=None) -> int:
             print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
                   f"(mean of last 5 evaluations {summary['final_test_accuracy_last5']:.4f}); "
                   f"run files in {run_dir}", flush=True)
+        clean = True
         return 0
     finally:
         if log is not None:
@@ -76,7 +79,7 @@ def run(argv=None) -> int:
             folder.close()
         for sig, handler in handlers.items():   # fit's stop handlers live as long as the run
             signal.signal(sig, handler)
-        distributed.teardown()
+        distributed.teardown(clean)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -101,6 +101,12 @@ def setup(cfg) -> Topology:
     return Topology(rank, world, local_rank, device, backend, cfg.workers.n)
 
 
-def teardown() -> None:
+def teardown(clean: bool = False) -> None:
+    """Leave the process group. After a clean finish every rank first waits for the others:
+    a rank that destroys its gloo group while a peer still uses the connection makes that
+    peer abort ("terminate called without an active exception") after a run that succeeded.
+    After a failure a peer may be gone, so no rank waits."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

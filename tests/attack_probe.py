@@ -102,7 +102,7 @@ def main():
     got = run(spec, out.parent / f"{out.stem}-scratch")
     if got is not None:
         torch.save(got, out)
-    distributed.teardown()
+    distributed.teardown(clean=True)
 
 
 if __name__ == "__main__":

@@ -394,7 +394,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key model.name: resnet20 is for cifar10; set data.dataset=cifar10 "
                           "or model.name=mlp|cnn")
     # Rule, pre-aggregation and attack checks live beside their code.
-    from byzddp import attacks, aggregators, resampling
-    resampling.validate(cfg)
-    aggregators.validate(cfg)
+    from byzddp import attacks, pipeline
+    pipeline.validate(cfg)
     attacks.validate(cfg)

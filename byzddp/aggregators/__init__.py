@@ -23,33 +23,12 @@ Rules (f = rows the rule must tolerate; every rule accepts f):
                        left); per coordinate, the mean of the beta = theta-2f selected values
                        closest to their median (El Mhamdi et al. 2018).
 
-Exact tie-breaking: Krum, Multi-Krum and Bulyan's selection take the lowest row index among
-equal scores (stable sort); among values equally far from the median, Bulyan keeps the
-smaller ones. A Krum round on r rows uses max(r-f-2, 1) neighbours: r-f-2 < 1 happens in
-Bulyan's last round when f = 1 (and outside the theory). With one neighbour two mutual
-nearest rows always tie, so Krum with r = f+3 and Bulyan with f <= 2 pick by input order
-among them; otherwise the rules are invariant to the order of their inputs when no ties.
-
-Non-finite rows (a Byzantine worker may send NaN or +-Inf): as long as at most f rows are bad,
-no rule lets them reach its output. A bad row is infinitely far from every row in Krum,
-Multi-Krum and Bulyan (never selected), counts as +Inf (NaN) or -Inf in the order statistics of
-cm and trimmed_mean, and gets weight zero in rfa and a zero clipped step in cclip. A rule whose
-output is still non-finite (more bad rows than it tolerates, or mean) raises NonFiniteError
-instead of returning it.
-
-Distances come from a float64 Gram matrix of the raw rows, never from `torch.cdist`'s
-matrix-multiply shortcut: the rounding error of a squared distance is then about 1e-16 times
-the squared norms of the two rows involved, so an outlier cannot spoil the distances between
-other rows (as centring on a mean would). Krum, Multi-Krum and Bulyan read the data for that
-one (m x d) x (d x m) product, then work on m x m numbers (Bulyan's theta Krum rounds too);
-rfa and cclip run all their T or L iterations on that matrix too and read the data once more
-for the result. No Python loop runs over rows, pairs or coordinates of the data.
-
-Work over d follows a global grid of column chunks (`Columns`, `grid_width`: a function of d and
-the device type only). The Gram matrix is the sum, in chunk order, of per-chunk products, and
-every per-column computation runs on fresh buffers chunk by chunk or elementwise row by row, so
-one rank's slice of the columns (`byzddp.sharded`) gives bit for bit the whole call's columns.
-Memory stays O(m d + m^2).
+Ties go to the lowest row index (docs/design.md, "Tie-breaking"). Up to f non-finite rows never
+reach a robust rule's output; otherwise the rule raises NonFiniteError (docs/design.md,
+"Non-finite rows"). Distances come from a float64 Gram matrix of the raw rows (docs/design.md,
+"Distances from a float64 Gram matrix"), summed over a global grid of column chunks so that a
+rank's slice gives bit for bit the whole call's columns (docs/design.md, "Exact sums over a
+column grid"). Memory stays O(m d + m^2).
 
 `rule(grads)` raises NonFiniteError, which reads one flag back from the device;
 `rule.aggregate(grads)` does not, and nothing else in a rule waits for the device, so the

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from byzddp import aggregators, config, distributed, resampling  # noqa: E402
+from byzddp import config, distributed, pipeline  # noqa: E402
 from byzddp.exchange import Exchange  # noqa: E402
 from byzddp.sharded import ShardedServer  # noqa: E402
 from byzddp.trainer import Trainer  # noqa: E402
@@ -52,10 +52,11 @@ def stand_in(cfg, topo, d: int, rule: str):
     rows = torch.zeros(topo.block, d + 2)
     rows[:, :d] = torch.randn(topo.block, d, generator=g)
     cfg.aggregator.name = rule
+    robust = pipeline.build(cfg)
     return SimpleNamespace(
         cfg=cfg, topo=topo, device=topo.device, n=cfg.workers.n, d=d, nb=0, rows=rows.to(topo.device),
         payload=torch.zeros(d + 2, device=topo.device), exchange=Exchange(topo),
-        resampler=resampling.from_config(cfg), aggregator=aggregators.from_config(cfg),
+        resampler=robust.pre, aggregator=robust.rule,
         selection_counts=torch.zeros(cfg.workers.n, dtype=torch.long, device=topo.device),
         first_bad_step=torch.full((), -1, dtype=torch.long, device=topo.device))
 

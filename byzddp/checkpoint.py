@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from byzddp import io as run_io
-from byzddp.config import ConfigError, config_hash
+from byzddp.config import config_hash
+from byzddp.errors import ConfigError
 
 PATTERN = re.compile(r"^step_(\d+)\.pt$")
 

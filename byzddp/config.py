@@ -419,7 +419,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key model.name: resnet20 is for cifar10; set data.dataset=cifar10 "
                           "or model.name=mlp|cnn")
     # Rule, pre-aggregation and attack checks live beside their code.
-    from byzddp import attacks, aggregators, resampling
-    resampling.validate(cfg)
-    aggregators.validate(cfg)
+    from byzddp import attacks, pipeline
+    pipeline.validate(cfg)
     attacks.validate(cfg)
+    # Checks data.py and checkpoint.py repeat at run time, made here before anything starts.
+    if cfg.data.byzantine_data == "own" and not cfg.attack.rotate and attacks.real_f(cfg) > 0:
+        raise ConfigError("data.byzantine_data=own needs attack.rotate=true (a fixed Byzantine "
+                          "set holds no shard); use data.byzantine_data=all")
+    if t.resume not in ("off", "auto") and not Path(t.resume).is_file():
+        raise ConfigError(f"config key train.resume: {t.resume} does not exist; use off, auto or a checkpoint path")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from byzddp import streams
-from byzddp.config import ConfigError
+from byzddp.errors import ConfigError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

@@ -8,7 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from byzddp.config import ConfigError
+from byzddp.errors import ConfigError
 
 
 @dataclass

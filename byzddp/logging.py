@@ -27,7 +27,7 @@ import yaml
 
 from byzddp import config as config_mod
 from byzddp import io
-from byzddp.config import ConfigError
+from byzddp.errors import ConfigError
 
 OWNER, LOCK = "owner.json", ".lock"
 HEARTBEAT_S = 60.0        # without a terminal: a progress line at least this often

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 # call that this is deprecated. The behaviour is the one wanted (see MnistCNN).
 warnings.filterwarnings("ignore", message="dropout2d: Received a 2-D input")
 
-from byzddp.config import ConfigError
+from byzddp.errors import ConfigError
 
 
 class MLP(nn.Module):

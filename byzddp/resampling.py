@@ -36,7 +36,7 @@ from torch import Tensor
 
 from byzddp import streams
 from byzddp.geometry import Columns, columns_of, pairwise_squared_distances, sub_chunks
-from byzddp.config import ConfigError
+from byzddp.errors import ConfigError
 
 NAMES = ("none", "s_replacement", "bucketing", "with_replacement", "fixed_groups", "nnm")
 
@@ -76,6 +76,23 @@ def _group_list(index: Tensor, sizes: List[int]) -> List[Tensor]:
 class Resampler:
     """`r(grads, generator) -> (outputs, groups)`; see the module docstring."""
     name = ""
+    grouped = True      # averages groups of s inputs (s must not exceed n)
+
+    @classmethod
+    def check(cls, s: int, n: int, f: int) -> None:
+        """One-line ConfigError for an s, n, f this pre-aggregation cannot run on."""
+        if not isinstance(s, int) or s < 1:
+            raise ConfigError(f"config key resampling.s: must be an integer >= 1, got {s!r}")
+        if cls.grouped and s > n:
+            raise ConfigError(f"config key resampling.s: {cls.name} groups s={s} of the {n} workers "
+                              f"(workers.n); lower resampling.s to at most {n}")
+
+    @property
+    def seen(self) -> str:
+        """How the rule's inputs came to be, for requirement messages."""
+        return f"after resampling {self.name} (s={self.s})"
+
+    generic_fix = "lower workers.byzantine or resampling.s"
 
     def __init__(self, s: int = 2, f: int = 0, seed: int = 0) -> None:
         self.s, self.f, self.seed = s, f, seed
@@ -118,6 +135,9 @@ class Resampler:
 
 class NoResampling(Resampler):
     name = "none"
+    grouped = False
+    seen = "without resampling"
+    generic_fix = "lower workers.byzantine or raise workers.n"
 
     def _resample(self, x: Tensor, g: torch.Generator) -> Tuple[Tensor, List[Tensor]]:
         return x, list(torch.arange(x.shape[0]).view(-1, 1))
@@ -208,6 +228,16 @@ class NearestNeighbourMixing(Resampler):
     from every row; it is itself replaced by the mean of n-f finite rows (the lowest indices), so
     as long as at most f rows are bad no output is non-finite. One (n x n) x (n x d) product."""
     name = "nnm"
+    grouped = False
+    seen = "after nnm"
+    generic_fix = "lower workers.byzantine or raise workers.n"
+
+    @classmethod
+    def check(cls, s: int, n: int, f: int) -> None:
+        super().check(s, n, f)
+        if 2 * f >= n:
+            raise ConfigError(f"config key workers.byzantine: nnm mixes each vector with its n-f nearest "
+                              f"and needs f < n/2, got f={f}, n={n}; lower workers.byzantine")
 
     def _resample(self, x: Tensor, g: torch.Generator, cols: Columns) -> Tuple[Tensor, List[Tensor]]:
         n = x.shape[0]
@@ -246,20 +276,8 @@ def build(name: str, s: int = 2, f: int = 0, seed: int = 0) -> Resampler:
     return _CLASSES[name](s=s, f=f, seed=seed)
 
 
-def from_config(cfg) -> Resampler:
-    return build(cfg.resampling.name, s=cfg.resampling.s, f=cfg.workers.byzantine, seed=cfg.seed)
-
-
-def validate(cfg) -> None:
-    """One-line ConfigError for a pre-aggregation that cannot run on the config's workers."""
-    r, n, f = cfg.resampling, cfg.workers.n, cfg.workers.byzantine
-    if r.name not in _CLASSES:
-        raise ConfigError(f"config key resampling.name: '{r.name}' is not one of {', '.join(NAMES)}")
-    if not isinstance(r.s, int) or r.s < 1:
-        raise ConfigError(f"config key resampling.s: must be an integer >= 1, got {r.s!r}")
-    if r.name in ("s_replacement", "bucketing", "with_replacement", "fixed_groups") and r.s > n:
-        raise ConfigError(f"config key resampling.s: {r.name} groups s={r.s} of the {n} workers "
-                          f"(workers.n); lower resampling.s to at most {n}")
-    if r.name == "nnm" and 2 * f >= n:
-        raise ConfigError(f"config key workers.byzantine: nnm mixes each vector with its n-f nearest "
-                          f"and needs f < n/2, got f={f}, n={n}; lower workers.byzantine")
+def check(name: str, s: int, n: int, f: int) -> None:
+    """One-line ConfigError for a pre-aggregation that cannot run on n workers, f Byzantine."""
+    if name not in _CLASSES:
+        raise ConfigError(f"config key resampling.name: '{name}' is not one of {', '.join(NAMES)}")
+    _CLASSES[name].check(s, n, f)

@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from byzddp import aggregators, attacks, checkpoint, config, data, models, resampling, sharded, streams, workers
+from byzddp import attacks, checkpoint, config, data, models, pipeline, sharded, streams, workers
 from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
+from byzddp.errors import NonFiniteError
 from byzddp.exchange import Exchange
 from byzddp.layout import RowLayout, Status
 
@@ -75,8 +76,8 @@ class Trainer:
         t = cfg.train
         self.optimizer = torch.optim.SGD(self.params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.resampler = resampling.from_config(cfg)
-        self.aggregator = aggregators.from_config(cfg)
+        self.pipeline = pipeline.build(cfg)
+        self.resampler, self.aggregator = self.pipeline.pre, self.pipeline.rule
         self.attack = attacks.from_config(cfg)
         self.exchange = Exchange(topo)
         # train.exchange=sharded: every rank aggregates a column slice (byzddp/sharded.py); it
@@ -308,7 +309,7 @@ class Trainer:
     def check_finite(self) -> None:
         bad = int(self.first_bad_step)
         if bad >= 0:
-            raise aggregators.NonFiniteError(
+            raise NonFiniteError(
                 f"the aggregate at step {bad + 1} was not finite (rule {self.cfg.aggregator.name} cannot "
                 f"absorb NaN/Inf inputs); the update was not applied; use a robust rule or find the bad worker")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from byzddp import io
-from byzddp.config import ConfigError
+from byzddp.errors import ConfigError
 
 MODES = ("off", "offline", "online")
 ID_FILE = "wandb-id.txt"   # lets a resumed run continue the same W&B run

@@ -10,7 +10,7 @@ from byzddp import aggregators as A
 from byzddp import geometry
 from byzddp.aggregators import sorting
 from byzddp.aggregators.krum import krum_scores
-from byzddp import config
+from byzddp import config, pipeline
 from byzddp.config import ConfigError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -517,7 +517,7 @@ def test_bad_input_shape_is_refused():
         A.build("cm")(torch.ones(3, 2, dtype=torch.long))
 
 
-# ---------------------------------------------------------------------------- config: validate, from_config
+# ---------------------------------------------------------------------------- config: pipeline.validate, pipeline.build
 
 def make_cfg(rule, resampling="none", s=2, n=10, f=2, **agg):
     cfg = config.Config()
@@ -532,7 +532,7 @@ def make_cfg(rule, resampling="none", s=2, n=10, f=2, **agg):
 def test_krum_after_s_replacement_is_refused_with_the_numbers():
     cfg = make_cfg("krum", "s_replacement", s=2, n=10, f=2)
     with pytest.raises(ConfigError) as info:
-        A.validate(cfg)
+        pipeline.validate(cfg)
     msg = str(info.value)
     assert "\n" not in msg
     for w in ["krum", "2f'+3 <= m", "s_replacement (s=2)", "m=10", "f'=4", "2*4+3=11 > 10",
@@ -543,8 +543,8 @@ def test_krum_after_s_replacement_is_refused_with_the_numbers():
 def test_allow_unsafe_turns_the_refusal_into_a_warning():
     cfg = make_cfg("krum", "s_replacement", s=2, n=10, f=2, allow_unsafe=True)
     with pytest.warns(UserWarning, match="2f'\\+3 <= m"):
-        A.validate(cfg)
-    rule = A.from_config(cfg)
+        pipeline.validate(cfg)
+    rule = pipeline.build(cfg).rule
     assert rule.f == 4
     assert torch.isfinite(rule(torch.randn(10, 3))).all()
 
@@ -568,35 +568,35 @@ def test_allow_unsafe_turns_the_refusal_into_a_warning():
 def test_validate_checks_the_rule_on_what_it_sees(rule, resampling, s, n, f, ok):
     cfg = make_cfg(rule, resampling, s=s, n=n, f=f)
     if ok:
-        A.validate(cfg)
+        pipeline.validate(cfg)
     else:
         with pytest.raises(ConfigError, match=f"aggregator {rule} needs"):
-            A.validate(cfg)
+            pipeline.validate(cfg)
 
 
 def test_validate_refuses_parameters_outside_the_guarantee_and_impossible_ones():
     with pytest.raises(ConfigError, match="b >= f'.*raise aggregator.b to 4"):
-        A.validate(make_cfg("trimmed_mean", "s_replacement", n=10, f=2, b=1))
+        pipeline.validate(make_cfg("trimmed_mean", "s_replacement", n=10, f=2, b=1))
     with pytest.raises(ConfigError, match="aggregator.b"):  # trims everything: no flag helps
-        A.validate(make_cfg("trimmed_mean", "none", n=10, f=2, b=5, allow_unsafe=True))
+        pipeline.validate(make_cfg("trimmed_mean", "none", n=10, f=2, b=5, allow_unsafe=True))
     with pytest.raises(ConfigError, match="aggregator.m <= m-f'"):
-        A.validate(make_cfg("multikrum", "none", n=10, f=2, m=9))
+        pipeline.validate(make_cfg("multikrum", "none", n=10, f=2, m=9))
     with pytest.raises(ConfigError, match="aggregator.m"):
-        A.validate(make_cfg("multikrum", "none", n=10, f=2, m=11, allow_unsafe=True))
+        pipeline.validate(make_cfg("multikrum", "none", n=10, f=2, m=11, allow_unsafe=True))
     with pytest.raises(ConfigError, match="aggregator.name"):
-        A.validate(make_cfg("geomed"))
+        pipeline.validate(make_cfg("geomed"))
     with pytest.raises(ConfigError, match="aggregator.T"):
-        A.validate(make_cfg("rfa", T=0))
+        pipeline.validate(make_cfg("rfa", T=0))
 
 
-def test_from_config_passes_f_prime_and_the_defaults():
-    rule = A.from_config(make_cfg("multikrum", "s_replacement", s=2, n=15, f=2))
+def test_pipeline_build_passes_f_prime_and_the_defaults():
+    rule = pipeline.build(make_cfg("multikrum", "s_replacement", s=2, n=15, f=2)).rule
     assert (rule.f, rule.m) == (4, 11)
-    rule = A.from_config(make_cfg("trimmed_mean", "bucketing", s=2, n=10, f=2))
+    rule = pipeline.build(make_cfg("trimmed_mean", "bucketing", s=2, n=10, f=2)).rule
     assert (rule.f, rule.b) == (2, 2)
-    rule = A.from_config(make_cfg("rfa", "none", T=3, nu=0.5))
+    rule = pipeline.build(make_cfg("rfa", "none", T=3, nu=0.5)).rule
     assert (rule.f, rule.T, rule.nu) == (2, 3, 0.5)
-    rule = A.from_config(make_cfg("cclip", "nnm", tau=2.0, L=1))
+    rule = pipeline.build(make_cfg("cclip", "nnm", tau=2.0, L=1)).rule
     assert (rule.f, rule.tau, rule.L) == (2, 2.0, 1)
 
 
@@ -604,4 +604,4 @@ def test_the_default_config_validates_quietly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = config.load(None, [])
-    assert A.from_config(cfg).name == cfg.aggregator.name
+    assert pipeline.build(cfg).rule.name == cfg.aggregator.name

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from byzddp import aggregators, config, data, models, resampling, streams
+from byzddp import aggregators, config, data, models, pipeline, streams
 from byzddp.distributed import worker_block
 from helpers import ROOT, TINY, env, free_port, metrics, summary, train
 
@@ -53,8 +53,9 @@ def brute_force():
         g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         rows.append(-g if w >= 8 else g)   # bitflip: the last f send -g
     grads = torch.stack(rows)
-    outputs, _ = resampling.from_config(cfg)(grads, streams.generator("resampling", cfg.seed, 0))
-    update = aggregators.from_config(cfg)(outputs)
+    p = pipeline.build(cfg)
+    outputs, _ = p.pre(grads, streams.generator("resampling", cfg.seed, 0))
+    update = p.rule(outputs)
     return cfg, grads, update, model.state_dict()
 
 

@@ -10,6 +10,11 @@ from byzddp.errors import NonFiniteError
 from byzddp.geometry import Columns, columns_of
 
 
+def honest_majority(m: int, fp: int) -> tuple:
+    """The requirement of the median-like rules (cm, rfa, cclip): 2f'+1 <= m."""
+    return (2 * fp + 1 <= m, "2f'+1 <= m (an honest majority)", f"2*{fp}+1={2 * fp + 1} > {m}", None)
+
+
 def check_input(grads: Tensor, name: str) -> Tensor:
     if not isinstance(grads, Tensor) or grads.dim() != 2 or grads.shape[0] < 1:
         shape = tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__
@@ -35,6 +40,27 @@ class Aggregator:
     def __init__(self, f: int = 0) -> None:
         self.f = f
         self.selected: Optional[Tensor] = None
+
+    # ------------------------------------------------------------ from a config (byzddp.pipeline)
+
+    @classmethod
+    def resolve(cls, given: dict, m: int, fp: int) -> dict:
+        """The constructor's keyword arguments when the rule sees m vectors with up to f' = fp
+        Byzantine: f = fp, and the config's values `given` (those named in `params`; None means
+        the default)."""
+        return {"f": fp, **{k: v for k, v in given.items() if v is not None}}
+
+    @classmethod
+    def requirements(cls, m: int, fp: int, params: dict) -> list:
+        """(holds, condition, numbers, fix or None) for each guarantee the rule needs of (m, f');
+        `params` as `resolve` gave them. A failing one is refused unless aggregator.allow_unsafe."""
+        return []
+
+    @classmethod
+    def impossible(cls, m: int, params: dict) -> Optional[tuple]:
+        """(config key, message) when the rule cannot run at all on m vectors (no flag lifts
+        that), else None."""
+        return None
 
     @torch.no_grad()
     def __call__(self, grads: Tensor) -> Tensor:

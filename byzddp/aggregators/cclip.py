@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from byzddp.aggregators.base import Aggregator
+from byzddp.aggregators.base import Aggregator, honest_majority
 from byzddp.geometry import Columns, gram_matrix, weighted_sum
 
 
@@ -23,6 +23,10 @@ class CenteredClipping(Aggregator):
         self.tau, self.L = tau, L
         self.centre: Optional[Tensor] = None
         self._proposal: Optional[tuple] = None
+
+    @classmethod
+    def requirements(cls, m: int, fp: int, params: dict) -> list:
+        return [honest_majority(m, fp)]
 
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n, d = x.shape

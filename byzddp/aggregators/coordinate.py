@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from byzddp.aggregators.base import Aggregator
+from byzddp.aggregators.base import Aggregator, honest_majority
 from byzddp.aggregators.sorting import column_blocks, sorted_block, sum_rows
 from byzddp.geometry import Columns
 
@@ -33,6 +33,10 @@ class CoordinateMedian(Aggregator):
     """Per coordinate the median; the mean of the two middle values when the row count is even."""
     name = "cm"
 
+    @classmethod
+    def requirements(cls, m: int, fp: int, params: dict) -> list:
+        return [honest_majority(m, fp)]
+
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n = x.shape[0]
         lo, hi = (n - 1) // 2, n // 2
@@ -51,6 +55,27 @@ class TrimmedMean(Aggregator):
     def __init__(self, f: int = 0, b: Optional[int] = None) -> None:
         super().__init__(f)
         self.b = b
+
+    @classmethod
+    def resolve(cls, given: dict, m: int, fp: int) -> dict:
+        params = super().resolve(given, m, fp)
+        # Default b = f', kept computable (2b < m) when an expert runs outside the guarantee.
+        params.setdefault("b", min(fp, (m - 1) // 2))
+        return params
+
+    @classmethod
+    def requirements(cls, m: int, fp: int, params: dict) -> list:
+        b = params["b"]
+        fix = f"raise aggregator.b to {fp}" if 2 * fp < m else None
+        return [(b >= fp, "b >= f'", f"b={b} < {fp}", fix)]
+
+    @classmethod
+    def impossible(cls, m: int, params: dict) -> Optional[tuple]:
+        b = params["b"]
+        if 2 * b >= m:
+            return ("aggregator.b", f"trimmed_mean with b={b} trims all of the {m} vectors it sees "
+                                    f"(needs 2b < m); lower aggregator.b")
+        return None
 
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n = x.shape[0]

@@ -43,6 +43,10 @@ class Krum(Aggregator):
     """The row with the lowest Krum score (lowest index among equal scores)."""
     name = "krum"
 
+    @classmethod
+    def requirements(cls, m: int, fp: int, params: dict) -> list:
+        return [(2 * fp + 3 <= m, "2f'+3 <= m", f"2*{fp}+3={2 * fp + 3} > {m}", None)]
+
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         dist, good = pairwise_squared_distances(x, cols)
         order = lowest_first(krum_scores(dist, self.f), (~good).long())
@@ -58,6 +62,25 @@ class MultiKrum(Aggregator):
     def __init__(self, f: int = 0, m: Optional[int] = None) -> None:
         super().__init__(f)
         self.m = m
+
+    @classmethod
+    def resolve(cls, given: dict, m: int, fp: int) -> dict:
+        params = super().resolve(given, m, fp)
+        params.setdefault("m", max(m - fp, 1))
+        return params
+
+    @classmethod
+    def requirements(cls, m: int, fp: int, params: dict) -> list:
+        k = params["m"]
+        return Krum.requirements(m, fp, params) + [
+            (k <= m - fp, "aggregator.m <= m-f'", f"aggregator.m={k} > {m}-{fp}", f"lower aggregator.m to {max(m - fp, 1)}")]
+
+    @classmethod
+    def impossible(cls, m: int, params: dict) -> Optional[tuple]:
+        if params["m"] > m:
+            return ("aggregator.m", f"multikrum averages m={params['m']} vectors but sees only {m}; "
+                                    f"lower aggregator.m")
+        return None
 
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n = x.shape[0]
@@ -76,6 +99,10 @@ class Bulyan(Aggregator):
     """Krum picks theta = m-2f rows one by one; per coordinate the mean of the beta = theta-2f
     picked values closest to their median (clamped to >= 1 outside the theory)."""
     name = "bulyan"
+
+    @classmethod
+    def requirements(cls, m: int, fp: int, params: dict) -> list:
+        return [(4 * fp + 3 <= m, "4f'+3 <= m", f"4*{fp}+3={4 * fp + 3} > {m}", None)]
 
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n = x.shape[0]

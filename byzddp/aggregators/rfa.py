@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from byzddp.aggregators.base import Aggregator
+from byzddp.aggregators.base import Aggregator, honest_majority
 from byzddp.geometry import Columns, gram_matrix, weighted_sum
 
 
@@ -17,6 +17,10 @@ class RFA(Aggregator):
     def __init__(self, f: int = 0, T: int = 8, nu: float = 0.1) -> None:
         super().__init__(f)
         self.T, self.nu = T, nu
+
+    @classmethod
+    def requirements(cls, m: int, fp: int, params: dict) -> list:
+        return [honest_majority(m, fp)]
 
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         # z is always a combination w^T x of the rows, so ||z - g_i||^2 = G_ii - 2 (G w)_i

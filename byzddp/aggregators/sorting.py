@@ -12,13 +12,8 @@ from torch import Tensor
 from byzddp.geometry import Columns
 
 
-# Coordinate-wise order statistics. On CPU, a bitonic sorting network over the rows: each layer
-# is one torch.minimum and one torch.maximum over whole rows (vectorised over the columns), on a
-# block of columns small enough to stay in the L2 cache, rows padded with +Inf to a power of
-# two. That beats torch.median / kthvalue / sort along dim 0, which walk one strided column at a
-# time (bench/aggregators.py). NaN is first turned into +Inf (minimum and maximum would spread
-# it), which is the order torch.sort uses. On a GPU, torch.sort of the transposed (d, n) layout,
-# where NaN ranks above +Inf. Every kernel is exact and gives the same finite values.
+# On CPU a bitonic min/max network over the rows, on a GPU torch.sort of the transposed layout;
+# NaN ranks as +Inf (docs/design.md, "The bitonic network").
 _NETWORK_DEVICES = {"cpu"}  # device types that sort with the network
 _NETWORK_BYTES = 1 << 21    # one network block: padded rows x columns (about the L2 cache)
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from byzddp.config import ConfigError
+from byzddp.errors import ConfigError
 from byzddp.sweep.grid import load_grid
 from byzddp.sweep.report import write_report
 from byzddp.sweep.runner import run_sweep, status, write_run_list

@@ -30,7 +30,7 @@ import yaml
 
 from byzddp import config as config_mod
 from byzddp import io as run_io
-from byzddp.config import ConfigError
+from byzddp.errors import ConfigError
 from byzddp.sweep.grid import Run, Sweep, safe, yaml_scalar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent

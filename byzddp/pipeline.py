@@ -1,0 +1,70 @@
+"""The robust pipeline of a run, built once from its config: pre-aggregation, then the rule.
+
+`build(cfg)` returns `Pipeline(pre, rule, m, fp)`: the Resampler (`byzddp.resampling`), the rule
+(`byzddp.aggregators`) told f' = fp, the m vectors the rule sees after pre-aggregation and the
+f' of them that may be Byzantine. `validate(cfg)` checks the pre-aggregation and the rule's
+requirements on (m, f') first, refusing (or, with aggregator.allow_unsafe, warning) with one
+line. The config is duck-typed: this module never imports byzddp.config.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from byzddp import aggregators, resampling
+from byzddp.aggregators.base import Aggregator
+from byzddp.errors import ConfigError
+from byzddp.resampling import Resampler
+
+
+@dataclass
+class Pipeline:
+    pre: Resampler      # the pre-aggregation
+    rule: Aggregator    # the robust rule
+    m: int              # vectors the rule sees
+    fp: int             # f': how many of them may be Byzantine
+
+
+def _given(cfg, cls) -> dict:
+    """The config's values of the rule's parameters (None: the default)."""
+    return {p: getattr(cfg.aggregator, p, None) for p in cls.params}
+
+
+def build(cfg) -> Pipeline:
+    n, f = cfg.workers.n, cfg.workers.byzantine
+    pre = resampling.build(cfg.resampling.name, s=cfg.resampling.s, f=f, seed=cfg.seed)
+    m, fp = pre.num_outputs(n), pre.byzantine_outputs(n, f)
+    cls = aggregators.rule_class(cfg.aggregator.name)
+    return Pipeline(pre, aggregators.build(cls.name, **cls.resolve(_given(cfg, cls), m, fp)), m, fp)
+
+
+def validate(cfg) -> Pipeline:
+    """One-line ConfigError for a pre-aggregation or rule that cannot run on the config's
+    workers, or a rule requirement on (m, f') that fails (a warning under allow_unsafe)."""
+    r, a = cfg.resampling, cfg.aggregator
+    resampling.check(r.name, r.s, cfg.workers.n, cfg.workers.byzantine)
+    if a.name not in aggregators.RULES:
+        raise ConfigError(f"config key aggregator.name: '{a.name}' is not one of {', '.join(aggregators.RULES)}")
+    keys = dict.fromkeys(k for name in aggregators.RULES for k in aggregators.PARAMS[name])
+    for key in keys:
+        value = getattr(a, key, None)
+        problem = None if value is None else aggregators.param_problem(key, value)
+        if problem:
+            raise ConfigError(f"config key aggregator.{key}: {problem}, got {value!r}")
+    p = build(cfg)
+    cls = type(p.rule)
+    params = cls.resolve(_given(cfg, cls), p.m, p.fp)
+    impossible = cls.impossible(p.m, params)     # no flag lifts these
+    if impossible:
+        raise ConfigError(f"config key {impossible[0]}: {impossible[1]}")
+    for holds, condition, numbers, fix in cls.requirements(p.m, p.fp, params):
+        if holds:
+            continue
+        msg = (f"aggregator {a.name} needs {condition}, but {p.pre.seen} the rule sees m={p.m} vectors "
+               f"with up to f'={p.fp} Byzantine ({numbers})")
+        if a.allow_unsafe:
+            warnings.warn(f"{msg}; running outside the rule's guarantee (aggregator.allow_unsafe=true)",
+                          UserWarning, stacklevel=2)
+        else:
+            raise ConfigError(f"{msg}; {fix or p.pre.generic_fix}, or set aggregator.allow_unsafe=true")
+    return p

@@ -20,8 +20,10 @@ STATEFUL = [*TINY, "train.steps=12", "train.checkpoint_every=4", "train.keep_che
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """In process: what a subprocess would add (the exit status) is tested by the signal tests."""
+    from byzddp import cli
     logs = tmp_path_factory.mktemp("full")
-    train([*STATEFUL, f"log.dir={logs}", "log.name=full"])
+    assert cli.main([*STATEFUL, f"log.dir={logs}", "log.name=full"]) == 0
     return logs / "full"
 
 

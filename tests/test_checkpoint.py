@@ -20,8 +20,10 @@ STATEFUL = [*TINY, "train.steps=12", "train.checkpoint_every=4", "train.keep_che
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """In process: what a subprocess would add (the exit status) is tested by the signal tests."""
+    from byzddp import cli
     logs = tmp_path_factory.mktemp("full")
-    train([*STATEFUL, f"log.dir={logs}", "log.name=full"])
+    assert cli.main([*STATEFUL, f"log.dir={logs}", "log.name=full"]) == 0
     return logs / "full"
 
 
@@ -29,6 +31,7 @@ def _checkpoints(run):
     return sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("step_*.pt"))
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_the_uninterrupted_one(tmp_path, uninterrupted):
     assert _checkpoints(uninterrupted) == [4, 8, 12]
     run = tmp_path / "part"
@@ -44,12 +47,14 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path, uninterrupted):
     assert steps == [3, 6, 9, 12]
 
 
+@pytest.mark.slow
 def test_auto_resume_without_checkpoint_starts_fresh(tmp_path, uninterrupted):
     train([*STATEFUL, f"log.dir={tmp_path}", "log.name=fresh", "train.resume=auto"])
     s = summary(tmp_path / "fresh")
     assert s["resumed_from"] is None and s["model_sha256"] == summary(uninterrupted)["model_sha256"]
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, uninterrupted):
     run = tmp_path / "corrupt"
     shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
@@ -64,6 +69,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, uninterrupted):
     assert s["model_sha256"] == summary(uninterrupted)["model_sha256"]
 
 
+@pytest.mark.slow
 def test_checkpoint_files_are_data_not_code(tmp_path):
     """A checkpoint that would run code when unpickled is refused, and the code never runs."""
     marker = tmp_path / "pwned"
@@ -123,6 +129,7 @@ def long_reference(tmp_path_factory):
     return summary(logs / "ref")["model_sha256"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "SIGINT"])
 def test_a_stop_signal_checkpoints_then_exits_and_the_resume_is_exact(tmp_path, long_reference, signum):
     """SIGTERM (Slurm), SIGUSR1 and SIGINT (Ctrl-C) all stop every rank at one step."""
@@ -140,6 +147,8 @@ def test_a_stop_signal_checkpoints_then_exits_and_the_resume_is_exact(tmp_path, 
     assert summary(tmp_path / "sig")["model_sha256"] == long_reference
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_killed_rank_is_restarted_by_torchrun_and_the_run_is_exact(tmp_path, long_reference):
     args = [*LONG, f"log.dir={tmp_path}", "log.name=kill", "train.resume=auto", "train.checkpoint_every=100"]
     proc = _popen(args, nproc=2, extra=["--max-restarts=1"])
@@ -154,6 +163,8 @@ def test_killed_rank_is_restarted_by_torchrun_and_the_run_is_exact(tmp_path, lon
     assert s["model_sha256"] == long_reference
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_hung_rank_stops_the_run_with_the_step_named(tmp_path):
     args = [*LONG, f"log.dir={tmp_path}", "log.name=hang", "train.timeout_s=5"]
     proc = _popen(args, nproc=2)
@@ -174,6 +185,7 @@ def test_hung_rank_stops_the_run_with_the_step_named(tmp_path):
     assert "timed out" in err and "step " in err and "train.timeout_s=5" in err
 
 
+@pytest.mark.slow
 def test_auto_resume_refuses_another_configs_checkpoints(tmp_path, uninterrupted):
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "other" / "checkpoints")
     proc = train([*STATEFUL, "seed=5", f"log.dir={tmp_path}", "log.name=other", "train.resume=auto"], check=False)

@@ -3,7 +3,7 @@ import pytest
 
 from byzddp import config
 from byzddp.config import ConfigError
-from helpers import ROOT, train
+from helpers import ROOT
 
 
 def test_defaults_and_overrides_are_typed(tmp_path):
@@ -60,20 +60,27 @@ def test_run_name_is_stable_and_depends_on_config():
     assert config.run_name(config.load(None, ["log.name=mine"])) == "mine"
 
 
-def test_cli_bad_config_is_one_line_and_exit_2(tmp_path):
-    proc = train(["workers.n=4", "workers.byzantine=2", f"log.dir={tmp_path}"], check=False)
-    assert proc.returncode == 2
-    lines = [l for l in proc.stderr.strip().splitlines() if l]
+def test_cli_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
+    from byzddp import cli
+    assert cli.main(["workers.n=4", "workers.byzantine=2", f"log.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if l]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "workers.byzantine" in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
     assert not any(tmp_path.iterdir())   # nothing half-written
 
 
-def test_more_ranks_than_workers_is_refused(tmp_path):
-    proc = train(["workers.n=2", "workers.byzantine=0", f"log.dir={tmp_path}"], nproc=3, check=False)
-    assert proc.returncode != 0
-    ours = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-    assert ours and all("workers.n=2" in l for l in ours)
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_more_ranks_than_workers_is_refused(tmp_path, capsys, monkeypatch, rank):
+    """Each of 3 ranks (as torchrun would set them up) refuses 2 workers before any group starts;
+    rank 0 says so in one line."""
+    from byzddp import cli
+    for key, value in {"RANK": rank, "WORLD_SIZE": 3, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": 3}.items():
+        monkeypatch.setenv(key, str(value))
+    assert cli.main(["workers.n=2", "workers.byzantine=0", f"log.dir={tmp_path}"]) == 2
+    ours = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    assert len(ours) == (1 if rank == 0 else 0) and all("workers.n=2" in l for l in ours)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_config_hash_ignores_how_a_run_is_operated():

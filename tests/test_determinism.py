@@ -2,9 +2,13 @@
 device kind and torch version -> the same model bits, however the run is launched or resumed."""
 import shutil
 
+import pytest
+
 from helpers import TINY, env, summary, train
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_plain_python_and_torchrun_agree_and_resume_across(tmp_path):
     plain_env = env()
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):   # train.threads, not the launcher, decides

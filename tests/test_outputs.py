@@ -94,6 +94,7 @@ def _kill(proc):
     proc.communicate()
 
 
+@pytest.mark.slow
 def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path, capsys):
     args = [*LONG, f"log.dir={tmp_path}", "log.name=r"]
     first = _start_and_wait_for_an_evaluation(args)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,11 +32,7 @@ def main():
     if topo.is_server:
         torch.save({"gathered": gathered.clone(), "payload": trainer.payload.clone(), "before": before,
                     "d": trainer.d, "agree": agree}, out)
-    # No rank leaves while another is still in a collective or saving: a rank that tears down
-    # early makes gloo abort the others ("terminate called without an active exception").
-    if dist.is_initialized():
-        dist.barrier()
-    distributed.teardown()
+    distributed.teardown(clean=True)
 
 
 if __name__ == "__main__":

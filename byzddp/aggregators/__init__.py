@@ -19,6 +19,8 @@ Rules (f = rows the rule must tolerate; every rule accepts f):
   cclip (tau, L)       centered clipping: L times c <- c + (1/m) sum_i clip_tau(g_i - c), with
                        clip_tau(v) = v min(1, tau/||v||); c starts from the previous call's output
                        (zero at first) and is the rule's state (Karimireddy et al. 2021).
+  meamed               per coordinate the mean of the m-f values closest to the median (Xie et
+                       al. 2018); even m: the median is the mean of the two middle values.
   bulyan (f)           Krum selects theta = m-2f rows one at a time (each time Krum on the rows
                        left); per coordinate, the mean of the beta = theta-2f selected values
                        closest to their median (El Mhamdi et al. 2018).
@@ -63,7 +65,7 @@ from typing import Optional
 
 from byzddp.aggregators.base import Aggregator
 from byzddp.aggregators.cclip import CenteredClipping
-from byzddp.aggregators.coordinate import CoordinateMedian, Mean, TrimmedMean
+from byzddp.aggregators.coordinate import CoordinateMedian, MeanAroundMedian, Mean, TrimmedMean
 from byzddp.aggregators.krum import Bulyan, Krum, MultiKrum
 from byzddp.aggregators.rfa import RFA
 from byzddp.errors import ConfigError, NonFiniteError
@@ -73,7 +75,10 @@ __all__ = ["Aggregator", "Columns", "ConfigError", "NonFiniteError", "RULES", "P
            "from_config", "validate", "gram_matrix", "grid_width", "pairwise_squared_distances"]
 
 _CLASSES = {cls.name: cls for cls in (Mean, Krum, MultiKrum, CoordinateMedian, TrimmedMean, RFA,
-                                       CenteredClipping, Bulyan)}
+                                       CenteredClipping, Bulyan, MeanAroundMedian)}
+# Rules that state their own defaults and requirements as classmethods (resolve, requirements,
+# impossible, config_problem); the lead moves the older rules onto them.
+_CLASS_VALIDATED = ("meamed",)
 RULES = tuple(_CLASSES)
 # Parameters each rule accepts besides f.
 PARAMS = {name: cls.params for name, cls in _CLASSES.items()}
@@ -119,6 +124,9 @@ def _setting(cfg):
 
 def _rule_params(cfg, m: int, fp: int) -> dict:
     a = cfg.aggregator
+    if a.name in _CLASS_VALIDATED:
+        cls = _CLASSES[a.name]
+        return cls.resolve({k: getattr(a, k) for k in cls.params}, m, fp)
     params = {"f": fp}
     if a.name == "multikrum":
         params["m"] = a.m if a.m is not None else max(m - fp, 1)
@@ -156,6 +164,8 @@ def _requirements(name: str, m: int, fp: int, params: dict) -> list:
         return [(b >= fp, "b >= f'", f"b={b} < {fp}", fix)]
     if name == "bulyan":
         return [(4 * fp + 3 <= m, "4f'+3 <= m", f"4*{fp}+3={4 * fp + 3} > {m}", None)]
+    if name in _CLASS_VALIDATED:
+        return _CLASSES[name].requirements(m, fp, params)
     return []  # mean promises nothing
 
 
@@ -179,6 +189,11 @@ def validate(cfg) -> None:
     if a.name == "trimmed_mean" and 2 * params["b"] >= m:
         raise ConfigError(f"config key aggregator.b: trimmed_mean with b={params['b']} trims all of "
                           f"the {m} vectors it sees (needs 2b < m); lower aggregator.b")
+    if a.name in _CLASS_VALIDATED:
+        cls = _CLASSES[a.name]
+        for problem in (cls.impossible(m, params), cls.config_problem(cfg)):
+            if problem:
+                raise ConfigError(f"config key {problem[0]}: {problem[1]}")
     if res.name in ("none", "nnm"):
         seen = "without resampling" if res.name == "none" else "after nnm"
         generic = "lower workers.byzantine or raise workers.n"

@@ -32,6 +32,28 @@ class Aggregator:
     params: tuple = ()  # the parameters the rule takes besides f
     stateful = False  # whether the rule keeps state that `settle` must confirm
 
+    @classmethod
+    def resolve(cls, given: dict, m: int, fp: int) -> dict:
+        """Constructor kwargs for a rule that sees m vectors with up to f' = fp Byzantine:
+        f = f', the given parameters that are not None, and defaults that depend on (m, f')."""
+        return {"f": fp, **{k: v for k, v in given.items() if k in cls.params and v is not None}}
+
+    @classmethod
+    def requirements(cls, m: int, fp: int, params: dict) -> list:
+        """(holds, condition, numbers, fix or None) for each guarantee the rule needs of (m, f')."""
+        return []
+
+    @classmethod
+    def impossible(cls, m: int, params: dict) -> Optional[tuple]:
+        """(config key, message) for a setting the rule cannot run at all (no flag lifts it)."""
+        return None
+
+    @classmethod
+    def config_problem(cls, cfg) -> Optional[tuple]:
+        """(config key, message) for what the rule cannot run on beyond (m, f') (e.g. MoNNA's
+        designated worker being possibly Byzantine)."""
+        return None
+
     def __init__(self, f: int = 0) -> None:
         self.f = f
         self.selected: Optional[Tensor] = None
@@ -76,3 +98,8 @@ class Aggregator:
         return f"{self.name}({params})"
 
 
+
+
+def honest_majority(m: int, fp: int) -> tuple:
+    """The requirement 2f'+1 <= m, as `Aggregator.requirements` lists it."""
+    return (2 * fp + 1 <= m, "2f'+1 <= m (an honest majority)", f"2*{fp}+1={2 * fp + 1} > {m}", None)

@@ -123,6 +123,8 @@ def reference(name, rows, f, **p):
         return ref_cclip(rows, p.get("tau", 10.0), p.get("L", 3), [0.0] * len(rows[0])), None
     if name == "bulyan":
         return ref_bulyan(rows, f)
+    if name == "meamed":
+        return ref_meamed(rows, f), None
     raise KeyError(name)
 
 
@@ -605,3 +607,41 @@ def test_the_default_config_validates_quietly():
         warnings.simplefilter("error")
         cfg = config.load(None, [])
     assert pipeline.build(cfg).rule.name == cfg.aggregator.name
+
+
+# ---------------------------------------------------------------------------- meamed
+
+def ref_meamed(rows, f):
+    n, out = len(rows), []
+    for c in range(len(rows[0])):
+        values = [r[c] for r in rows]
+        med = ref_median(values)
+        closest = sorted(values, key=lambda v: (abs(v - med), v))[:n - f]  # ties: the smaller value
+        out.append(math.fsum(closest) / (n - f))
+    return out
+
+
+@pytest.mark.parametrize("n, f", [(7, 3), (10, 4), (9, 2), (6, 0)])
+def test_meamed_equals_its_textbook_definition(n, f):
+    for seed in range(3):
+        x = spread_rows(n, 6, seed)
+        want = torch.tensor(ref_meamed(rows_of(x), f), dtype=torch.float64)
+        rule = A.build("meamed", f=f)
+        torch.testing.assert_close(rule(x), want, rtol=1e-10, atol=1e-10)
+        assert rule.selected is None
+
+
+@pytest.mark.parametrize("kinds", KIND_SETS, ids=lambda k: "+".join(k))
+def test_meamed_stays_inside_the_honest_hull(kinds):
+    honest = 3.0 + torch.randn(9, 16, generator=torch.Generator().manual_seed(1))
+    for seed in range(3):
+        x, _ = with_bad_rows(honest, kinds, seed)
+        out = A.build("meamed", f=2)(x)
+        assert torch.isfinite(out).all() and inside_hull(out, honest)
+
+
+def test_meamed_requires_an_honest_majority_after_pre_aggregation():
+    pipeline.validate(make_cfg("meamed", "s_replacement", s=2, n=10, f=2))      # 2*4+1 = 9 <= 10
+    with pytest.raises(ConfigError, match=r"aggregator meamed needs 2f'\+1 <= m.*2\*6\+1=13 > 10"):
+        pipeline.validate(make_cfg("meamed", "s_replacement", s=3, n=10, f=2))
+    assert pipeline.build(make_cfg("meamed", "s_replacement", n=10, f=2)).rule.f == 4

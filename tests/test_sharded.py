@@ -66,7 +66,7 @@ def bits(t):
 
 
 RULES = [("mean", {}), ("krum", {}), ("multikrum", {}), ("cm", {}), ("trimmed_mean", {"b": 2}),
-         ("rfa", {"T": 3}), ("cclip", {"tau": 0.5, "L": 2}), ("bulyan", {"f": 1})]
+         ("rfa", {"T": 3}), ("cclip", {"tau": 0.5, "L": 2}), ("bulyan", {"f": 1}), ("meamed", {})]
 
 
 @pytest.mark.parametrize("resampler", R.NAMES)

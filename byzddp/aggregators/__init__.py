@@ -19,6 +19,8 @@ Rules (f = rows the rule must tolerate; every rule accepts f):
   cclip (tau, L)       centered clipping: L times c <- c + (1/m) sum_i clip_tau(g_i - c), with
                        clip_tau(v) = v min(1, tau/||v||); c starts from the previous call's output
                        (zero at first) and is the rule's state (Karimireddy et al. 2021).
+  meamed               per coordinate the mean of the m-f values closest to the median (Xie et
+                       al. 2018); even m: the median is the mean of the two middle values.
   bulyan (f)           Krum selects theta = m-2f rows one at a time (each time Krum on the rows
                        left); per coordinate, the mean of the beta = theta-2f selected values
                        closest to their median (El Mhamdi et al. 2018).
@@ -41,7 +43,7 @@ from typing import Optional
 
 from byzddp.aggregators.base import Aggregator
 from byzddp.aggregators.cclip import CenteredClipping
-from byzddp.aggregators.coordinate import CoordinateMedian, Mean, TrimmedMean
+from byzddp.aggregators.coordinate import CoordinateMedian, MeanAroundMedian, Mean, TrimmedMean
 from byzddp.aggregators.krum import Bulyan, Krum, MultiKrum
 from byzddp.aggregators.rfa import RFA
 from byzddp.errors import ConfigError, NonFiniteError
@@ -51,7 +53,7 @@ __all__ = ["Aggregator", "Columns", "ConfigError", "NonFiniteError", "RULES", "P
            "rule_class", "param_problem", "gram_matrix", "grid_width", "pairwise_squared_distances"]
 
 _CLASSES = {cls.name: cls for cls in (Mean, Krum, MultiKrum, CoordinateMedian, TrimmedMean, RFA,
-                                       CenteredClipping, Bulyan)}
+                                       CenteredClipping, Bulyan, MeanAroundMedian)}
 RULES = tuple(_CLASSES)
 # Parameters each rule accepts besides f.
 PARAMS = {name: cls.params for name, cls in _CLASSES.items()}

@@ -10,11 +10,6 @@ from byzddp.errors import NonFiniteError
 from byzddp.geometry import Columns, columns_of
 
 
-def honest_majority(m: int, fp: int) -> tuple:
-    """The requirement of the median-like rules (cm, rfa, cclip): 2f'+1 <= m."""
-    return (2 * fp + 1 <= m, "2f'+1 <= m (an honest majority)", f"2*{fp}+1={2 * fp + 1} > {m}", None)
-
-
 def check_input(grads: Tensor, name: str) -> Tensor:
     if not isinstance(grads, Tensor) or grads.dim() != 2 or grads.shape[0] < 1:
         shape = tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__
@@ -102,3 +97,6 @@ class Aggregator:
         return f"{self.name}({params})"
 
 
+def honest_majority(m: int, fp: int) -> tuple:
+    """The requirement 2f'+1 <= m, as `Aggregator.requirements` lists it."""
+    return (2 * fp + 1 <= m, "2f'+1 <= m (an honest majority)", f"2*{fp}+1={2 * fp + 1} > {m}", None)

@@ -22,7 +22,7 @@ What each attack pays for on the wire (d = model size; nothing at all when no wo
                         d values (the honest max and min); Fang et al. 2020, median target
 
 Exact sums: `exact_sum` adds honest vectors as fixed-point 64-bit integers, so the sum is
-bit-identical for any number of ranks (see docs/design.md, Exact sums of honest vectors).
+bit-identical for any number of ranks (see docs/design.md, "Exact sums of honest vectors").
 
 Building: `build(name, **params)` makes an attack from its own parameters (each class lists
 them in `params`, keyword arguments with defaults, checked by its `check_values`);

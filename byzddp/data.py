@@ -134,13 +134,18 @@ def _missing(name: str, root: str, err: Exception) -> ConfigError:
                        f"put the dataset there or set data.download=true on a machine with network")
 
 
-def load_mnist(root: str, download: bool = True) -> Dataset:
+def _torchvision_splits(kind: str, name: str, root: str, download: bool) -> tuple:
+    """(train, test) of the torchvision dataset class `kind`, or one line naming what is wrong."""
     import torchvision
+    cls = getattr(torchvision.datasets, kind)
     try:
-        train = torchvision.datasets.MNIST(root, train=True, download=download)
-        test = torchvision.datasets.MNIST(root, train=False, download=download)
+        return cls(root, train=True, download=download), cls(root, train=False, download=download)
     except Exception as e:  # missing, truncated or garbage files: torchvision raises many kinds
-        raise _missing("mnist", root, e) from None
+        raise _missing(name, root, e) from None
+
+
+def load_mnist(root: str, download: bool = True) -> Dataset:
+    train, test = _torchvision_splits("MNIST", "mnist", root, download)
 
     def prep(ds):
         x = ds.data.float().unsqueeze(1) / 255.0
@@ -151,12 +156,7 @@ def load_mnist(root: str, download: bool = True) -> Dataset:
 
 
 def load_cifar10(root: str, download: bool = True) -> Dataset:
-    import torchvision
-    try:
-        train = torchvision.datasets.CIFAR10(root, train=True, download=download)
-        test = torchvision.datasets.CIFAR10(root, train=False, download=download)
-    except Exception as e:  # missing, truncated or garbage files: torchvision raises many kinds
-        raise _missing("cifar10", root, e) from None
+    train, test = _torchvision_splits("CIFAR10", "cifar10", root, download)
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
 

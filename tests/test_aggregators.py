@@ -443,21 +443,22 @@ def test_mean_fails_loudly_on_a_non_finite_row(kind):
         A.build("mean")(x)
 
 
-@pytest.mark.parametrize("name", A.RULES)
+@pytest.mark.parametrize("name", [r for r in A.RULES if r != "cclip"])
 def test_a_rule_refuses_to_return_a_non_finite_aggregate(name):
     x = torch.full((7, 4), math.nan)
     x[0] = 1.0
-    if name == "cclip":
-        # Bad rows take a zero clipped step: with nothing finite the centre stays where it was.
-        rule = A.build(name, f=1)
-        rule.load_state_dict({"centre": torch.full((4,), 2.0)})
-        assert rule(x[1:]).tolist() == [2.0] * 4
-        return
     with pytest.raises(A.NonFiniteError, match=name):
         A.build(name, f=1)(x[1:])  # every row NaN
     if name in ("cm", "trimmed_mean", "mean"):
         with pytest.raises(A.NonFiniteError, match=name):
             A.build(name, f=1)(x)  # more NaN rows than the rule tolerates
+
+
+def test_cclip_with_only_bad_rows_keeps_its_centre():
+    # Bad rows take a zero clipped step: with nothing finite the centre stays where it was.
+    rule = A.build("cclip", f=1)
+    rule.load_state_dict({"centre": torch.full((4,), 2.0)})
+    assert rule(torch.full((6, 4), math.nan)).tolist() == [2.0] * 4
 
 
 def test_rules_work_beyond_the_quantile_limit():

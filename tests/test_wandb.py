@@ -1,6 +1,4 @@
 """W&B logging: offline files hold the config, metrics and summary; failures never stop a run."""
-import json
-import struct
 import sys
 from pathlib import Path
 
@@ -26,42 +24,36 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(wandb_log, "_warned", set())
 
 
-def wandb_records(path: Path):
-    """Records of a .wandb file: a 7-byte header, then LevelDB-style log blocks of 32 KiB
-    whose chunks (7-byte header: crc, length, type) carry wandb's protobuf Records."""
-    from wandb.proto import wandb_internal_pb2 as pb
+@pytest.fixture
+def public_run(monkeypatch):
+    """What the run object that `wandb.init` returns saw, read through W&B's public Run API
+    (project, group, name, tags, config, summary) and its `log` calls; the real W&B still runs
+    and writes its offline files."""
+    import wandb
+    real_init = wandb.init
+    seen = {"history": {}}
 
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:                       # block trailer padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        chunk = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:                      # full
-            pending = b""
-            payload = chunk
-        elif kind == 2:                    # first
-            pending = chunk
-            continue
-        elif kind == 3:                    # middle
-            pending += chunk
-            continue
-        else:                              # last
-            payload, pending = pending + chunk, b""
-        record = pb.Record()
-        record.ParseFromString(payload)
-        yield record
+    def init(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        real_log, real_finish = run.log, run.finish
+
+        def log(data, step=None, **more):
+            seen["history"][step] = dict(data)
+            return real_log(data, step=step, **more)
+
+        def finish(*more, **kw):
+            seen.update(project=run.project, group=run.group, name=run.name, tags=list(run.tags),
+                        config=dict(run.config), summary=dict(run.summary), id=run.id)
+            return real_finish(*more, **kw)
+
+        run.log, run.finish = log, finish
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    return seen
 
 
-def test_offline_run_writes_config_metrics_and_summary(tmp_path, capsys):
+def test_offline_run_writes_config_metrics_and_summary(tmp_path, capsys, public_run):
     cfg = {"seed": 3, "aggregator": {"name": "krum", "T": 8}, "train": {"lr": 0.01, "resume": "off"}}
     run_dir = tmp_path / "runs" / "krum-bitflip-seed3"
     handle = wandb_log.start(cfg, run_dir, "offline", "byzddp-test", "fig3", ["rule=krum", "seed=3"],
@@ -72,41 +64,30 @@ def test_offline_run_writes_config_metrics_and_summary(tmp_path, capsys):
         wandb_log.log(handle, {"step": step, "test_accuracy": acc, "train_loss": 2.0 - acc}, step)
     wandb_log.finish(handle, {"final_test_accuracy": 0.875, "selection_counts": [4, 0, 2]})
 
+    # The offline run's files, where W&B documents them: wandb/offline-run-*/run-<id>.wandb.
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1
+    assert len(files) == 1 and files[0].stat().st_size > 0
     # Once, at the end: where the offline run is and how to upload it.
     told = [l for l in capsys.readouterr().err.splitlines() if "wandb sync" in l]
     assert told == [f"byzddp: W&B offline run in {files[0].parent}; upload it with: wandb sync {files[0].parent}"]
     run_id = (run_dir / wandb_log.ID_FILE).read_text().strip()
-    assert files[0].name == f"run-{run_id}.wandb"
-    records = list(wandb_records(files[0]))
-    kinds = [r.WhichOneof("record_type") for r in records]
-    assert "run" in kinds and "history" in kinds and "exit" in kinds
+    assert files[0].name == f"run-{run_id}.wandb" and public_run["id"] == run_id
 
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert (run.project, run.run_group, run.display_name) == ("byzddp-test", "fig3", "krum-bitflip-seed3")
-    assert list(run.tags) == ["rule=krum", "seed=3"]
-    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert (public_run["project"], public_run["group"], public_run["name"]) == ("byzddp-test", "fig3", "krum-bitflip-seed3")
+    assert public_run["tags"] == ["rule=krum", "seed=3"]
+    config = public_run["config"]
     assert config["seed"] == 3 and config["aggregator"] == {"name": "krum", "T": 8}
     assert config["train"] == {"lr": 0.01, "resume": "off"}
 
-    history = {}
-    for r in records:
-        if r.WhichOneof("record_type") == "history":
-            item = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-            history[item["_step"]] = item
+    history = public_run["history"]
     assert sorted(history) == [30, 60, 90]
     for step, acc in logged.items():
         assert history[step]["test_accuracy"] == acc
         assert history[step]["train_loss"] == pytest.approx(2.0 - acc)
 
-    summary = {}
-    for r in records:
-        if r.WhichOneof("record_type") == "summary":
-            for u in r.summary.update:
-                summary["/".join(u.nested_key) or u.key] = json.loads(u.value_json)
+    summary = public_run["summary"]
     assert summary["final_test_accuracy"] == 0.875
-    assert summary["selection_counts"] == [4, 0, 2]
+    assert list(summary["selection_counts"]) == [4, 0, 2]
 
 
 def test_off_returns_none_and_writes_nothing(tmp_path):

@@ -52,32 +52,20 @@ class WorkersConfig:
 
 @dataclass
 class AggregatorConfig:
-    name: str = "cm"                # mean | krum | multikrum | cm | trimmed_mean | rfa | cclip | bulyan
-                                    # | meamed | mda | smea | monna | caf | dnc | signguard
+    name: str = "cm"                # mean | krum | multikrum | cm | trimmed_mean | rfa | cclip | bulyan | meamed
     m: Optional[int] = None         # multikrum: how many best-scored to average (default n - f)
     b: Optional[int] = None         # trimmed_mean: trimmed per side (default f')
     T: int = 8                      # rfa: smoothed Weiszfeld iterations
     nu: float = 0.1                 # rfa: smoothing
     tau: float = 10.0               # cclip: clipping radius
     L: int = 3                      # cclip: inner iterations
-    worker: int = 0                 # monna: the designated (trusted honest) worker whose row anchors the mean
-    subset_limit: int = 100_000     # mda, smea: most (m-f')-subsets enumerated exactly
-    niters: int = 1                 # dnc: rounds of random coordinate subsets
-    b_sub: int = 10_000             # dnc: coordinates per round (b in the paper; all when >= d)
-    c: float = 1.0                  # dnc: filtering fraction, each round removes floor(c*f') rows
-    norm_lower: float = 0.1         # signguard: keep rows whose norm / median norm >= this (L)
-    norm_upper: float = 3.0         # signguard: ... and <= this (R)
-    sign_fraction: float = 0.1      # signguard: fraction of coordinates for the sign statistics (1: all)
-    bandwidth: float = 0.1          # signguard: sign-statistic clusters link rows closer than this
     allow_unsafe: bool = False      # run even when the rule's requirement on (m, f') fails
 
 
 @dataclass
 class ResamplingConfig:
     name: str = "s_replacement"     # none | s_replacement | bucketing | with_replacement | fixed_groups | nnm
-                                    # | arc | clipping
     s: int = 2                      # group size
-    tau: float = 1.0                # clipping: the static norm bound
 
 
 @dataclass

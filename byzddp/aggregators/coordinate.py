@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from byzddp.aggregators.base import Aggregator, honest_majority
-from byzddp.aggregators.sorting import column_blocks, sorted_block, sum_rows
+from byzddp.aggregators.sorting import column_blocks, mean_closest_to_median, sorted_block, sum_rows
 from byzddp.geometry import Columns
 
 
@@ -89,8 +89,6 @@ class TrimmedMean(Aggregator):
         return out
 
 
-
-
 class MeanAroundMedian(Aggregator):
     """Per coordinate, the mean of the m-f values closest to the median (Xie et al. 2018,
     "mean around median"); the median of an even count is the mean of the two middle values
@@ -106,15 +104,8 @@ class MeanAroundMedian(Aggregator):
         k = n - self.f
         if k < 1:
             raise ValueError(f"aggregator meamed: f={self.f} leaves no values among {n} rows")
-        lo, hi = (n - 1) // 2, n // 2
-        steps = torch.arange(k, device=x.device)[:, None]
         out = x.new_empty(x.shape[1])
         for c in column_blocks(n, x, cols):
-            v = sorted_block(x[:, c])[:n].to(torch.float64)  # float64: the choice compares differences
-            med = (v[lo] + v[hi]) / 2
-            # The k closest values form a window v[a : a+k] of the sorted values; moving it one
-            # step right pays while the value gained is strictly closer than the one lost, which
-            # holds for a prefix of the starts a (ties keep the window left: the smaller values).
-            first = ((v[k:] - med) < (med - v[:n - k])).sum(dim=0)
-            out[c] = (sum_rows(v.gather(0, first[None, :] + steps)) / k).to(x.dtype)
+            s = sorted_block(x[:, c])[:n].to(torch.float64)
+            out[c] = mean_closest_to_median(s, k).to(x.dtype)
         return out

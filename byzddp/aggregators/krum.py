@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from byzddp.aggregators.base import Aggregator
-from byzddp.aggregators.sorting import column_blocks, sorted_block, sum_rows
+from byzddp.aggregators.sorting import column_blocks, mean_closest_to_median, sorted_block
 from byzddp.geometry import Columns, pairwise_squared_distances
 
 
@@ -120,21 +120,9 @@ class Bulyan(Aggregator):
             alive[pick] = False
         self.selected = torch.stack(picks)
         out = x.new_empty(x.shape[1])
-        lo, hi = (theta - 1) // 2, theta // 2
-        windows = theta - beta + 1
-        offsets = torch.arange(beta, device=x.device)[:, None]
         for cols_ in column_blocks(theta, x, cols):
-            # float64 from here: the window choice compares differences of nearby values.
             s = sorted_block(x[:, cols_].index_select(0, self.selected))[:theta].to(torch.float64)
-            median = s[lo] if lo == hi else (s[lo] + s[hi]) / 2
-            # The beta values closest to the median are a contiguous window s[a : a+beta] of the
-            # sorted values. Sliding it right from a = 0 swaps s[a] for s[a+beta]; that helps
-            # while s[a+beta] is strictly closer, which holds for a prefix of the a's (one side
-            # draws nearer, the other farther), so a = the count of such a. Equal distances
-            # keep the window on the left.
-            closer = (s[beta:] - median) < (median - s[:windows - 1])
-            start = closer.sum(dim=0)
-            out[cols_] = (sum_rows(s.gather(0, start[None, :] + offsets)) / beta).to(x.dtype)
+            out[cols_] = mean_closest_to_median(s, beta).to(x.dtype)
         return out
 
 

@@ -88,3 +88,20 @@ def sum_rows(rows: Tensor) -> Tensor:
         acc += rows[i]
     return acc
 
+
+
+def mean_closest_to_median(s: Tensor, k: int) -> Tensor:
+    """s (n, c): each column's values sorted ascending, in float64 (the choice below compares
+    differences of nearby values). Per column, the mean of the k values closest to the median
+    (the mean of the two middle values for even n); among equally far values the smaller ones.
+
+    The k closest values are a window s[a : a+k] of the sorted values. Sliding it right from
+    a = 0 swaps s[a] for s[a+k]; that helps while s[a+k] is strictly closer, which holds for a
+    prefix of the a's (one side draws nearer, the other farther), so a = the count of such a.
+    Equal distances keep the window on the left."""
+    n = s.shape[0]
+    lo, hi = (n - 1) // 2, n // 2
+    median = s[lo] if lo == hi else (s[lo] + s[hi]) / 2
+    start = ((s[k:] - median) < (median - s[:n - k])).sum(dim=0)
+    offsets = torch.arange(k, device=s.device)[:, None]
+    return sum_rows(s.gather(0, start[None, :] + offsets)) / k

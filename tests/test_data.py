@@ -6,6 +6,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from byzddp import config, data
 from byzddp.config import ConfigError
@@ -243,7 +244,7 @@ def test_official_grid_file_loads_with_the_official_settings():
     assert len(s.runs) == 72                        # 12 (rule, attack) cells x 2 x 3 seeds
     cells = {tuple(r.id.split("-")[::2]) for r in s.runs}
     assert ("cm", "bitflip") in cells and ("krum", "mimic") in cells and ("mean", "ipm") not in cells
-    cfg = config.from_dict(sweep.yaml.safe_load(open(root / "configs" / "default.yaml")) | {})
+    cfg = config.from_dict(yaml.safe_load(open(root / "configs" / "default.yaml")) | {})
     assert cfg.data.split == "balanced" and cfg.data.sampling == "stream"   # defaults unchanged
     one = config.load(root / "configs" / "default.yaml", s.runs[0].override_args())
     assert (one.data.split, one.data.sampling, one.model.name) == ("official", "epoch", "cnn")

@@ -9,7 +9,6 @@
 - `report`: records, results.csv, results.md (statistics, worst case), the plots;
 - `cli`: the command line.
 """
-import yaml  # noqa: F401  (tests/test_data.py reads sweep.yaml)
 
 from byzddp.sweep.cli import main
 from byzddp.sweep.grid import Axis, Run, Sweep, Value, combos, load_grid, yaml_scalar

@@ -37,8 +37,16 @@ def train(args, nproc: int = 0, timeout: int = 300, check: bool = True,
         cmd = [sys.executable, "train.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=environ or env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{_stderr(proc.stderr)}")
     return proc
+
+
+def _stderr(text: str) -> str:
+    """The end of stderr, and from its first fatal-error report on (a crashed rank's stack
+    comes before torchrun's long summary)."""
+    fatal = [i for i in (text.find("Fatal Python error"), text.find("terminate called")) if i >= 0]
+    head = text[min(fatal):min(fatal) + 6000] + "\n...\n" if fatal else ""
+    return head + text[-3000:]
 
 
 def summary(run_dir: Path) -> dict:

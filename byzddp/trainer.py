@@ -254,7 +254,8 @@ class Trainer:
         L = self.layout
         vectors = gathered[:, L.vector]
         outputs, groups = self.resampler(vectors, streams.generator("resampling", self.cfg.seed, step))
-        update = self.aggregator.aggregate(outputs, **self.rule_inputs(step))   # no host sync: checked on the device
+        # Checked on the device, no host sync (but dnc's and signguard's data-dependent selection).
+        update = self.aggregator.aggregate(outputs, **self.rule_inputs(step))
         self.finish_payload(update, gathered[:, L.tail], groups, step, byzantine)
 
     def finish_payload(self, update: torch.Tensor, tails: torch.Tensor, groups: List[torch.Tensor],

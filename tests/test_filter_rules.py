@@ -18,6 +18,8 @@ from byzddp.config import ConfigError
 from helpers import TINY, summary, train
 from test_sharded import WIDTH, bits, on_slices
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 # ---------------------------------------------------------------------------- brute-force definitions
 
@@ -130,20 +132,22 @@ DNC_CASES = [(10, 2, {"niters": 5, "b": 30}), (12, 3, {"niters": 3, "b": 200}), 
              (11, 2, {"niters": 4, "b": 17, "c": 1.5}), (9, 2, {"niters": 2, "b": 25, "c": 0.5})]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n, f, params", DNC_CASES)
-def test_dnc_equals_its_definition(n, f, params):
+def test_dnc_equals_its_definition(n, f, params, device):
     for seed, step in ((0, 0), (3, 7), (5, 11)):
         x = rows_with_outliers(n, 60, f, seed=seed + step)
         rule = A.build("dnc", f=f, **params)
-        out = rule(x, generator=streams.generator("aggregator", seed, step))
+        out = rule(x.to(device), generator=streams.generator("aggregator", seed, step))
         want, kept = ref_dnc(x, f, seed=seed, step=step, **params)
-        assert rule.selected.tolist() == kept
-        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        assert rule.selected.tolist() == kept and out.device.type == device
+        torch.testing.assert_close(out.cpu(), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("params", [{}, {"norm_low": 0.5, "norm_high": 1.5, "sign_fraction": 0.3},
                                     {"sign_fraction": 1.0}])
-def test_signguard_equals_its_definition(params):
+def test_signguard_equals_its_definition(params, device):
     for seed, step in ((0, 0), (2, 5), (4, 9)):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(11, 200, generator=g, dtype=torch.float64) * torch.rand(11, 1, generator=g, dtype=torch.float64)
@@ -152,14 +156,15 @@ def test_signguard_equals_its_definition(params):
         x[9] = x[9].abs() * 2    # all signs positive
         x[10] *= 40              # a huge norm
         rule = A.build("signguard", f=2, **params)
-        out = rule(x, generator=streams.generator("aggregator", seed, step))
+        out = rule(x.to(device), generator=streams.generator("aggregator", seed, step))
         want, S = ref_signguard(x, params.get("norm_low", 0.1), params.get("norm_high", 3.0),
                                 params.get("sign_fraction", 0.1), seed, step)
-        assert rule.selected.tolist() == S
-        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        assert rule.selected.tolist() == S and out.device.type == device
+        torch.testing.assert_close(out.cpu(), want, rtol=1e-12, atol=1e-12)
 
 
-def test_fltrust_equals_its_definition():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fltrust_equals_its_definition(device):
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(9, 40, generator=g, dtype=torch.float64) + 0.3 * torch.arange(9.0, dtype=torch.float64)[:, None]
@@ -167,7 +172,8 @@ def test_fltrust_equals_its_definition():
         g0 = torch.randn(40, generator=g, dtype=torch.float64) + 1.0
         x[5] = -3 * g0           # opposite: no trust
         rule = A.build("fltrust", f=3)
-        torch.testing.assert_close(rule(x, root_gradient=g0), ref_fltrust(x, g0), rtol=1e-12, atol=1e-12)
+        out = rule(x.to(device), root_gradient=g0.to(device))
+        torch.testing.assert_close(out.cpu(), ref_fltrust(x, g0), rtol=1e-12, atol=1e-12)
         assert rule.selected is None
 
 
@@ -317,7 +323,8 @@ def test_every_slice_is_bit_for_bit_the_whole_result(name, params):
         rule = A.build(name, f=2, **params)
         outs, sel = [], []
         for step in range(2):
-            inputs = {"root_gradient": g0} if name == "fltrust" else {"generator": streams.generator("aggregator", 5, step)}
+            inputs = ({"root_gradient": g0} if name == "fltrust"
+                      else {"generator": streams.generator("aggregator", 5, step)})
             outs.append(whole_of(rule.aggregate(rows, cols, **inputs)))
             sel.append(None if rule.selected is None else rule.selected.clone())
         return outs, sel

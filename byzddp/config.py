@@ -53,12 +53,20 @@ class WorkersConfig:
 @dataclass
 class AggregatorConfig:
     name: str = "cm"                # mean | krum | multikrum | cm | trimmed_mean | rfa | cclip | bulyan | meamed
+                                    # | dnc | signguard | fltrust
     m: Optional[int] = None         # multikrum: how many best-scored to average (default n - f)
-    b: Optional[int] = None         # trimmed_mean: trimmed per side (default f')
+    b: Optional[int] = None         # trimmed_mean: trimmed per side (default f'); dnc: coordinates
+                                    # subsampled per iteration (default 10000, capped at d)
     T: int = 8                      # rfa: smoothed Weiszfeld iterations
     nu: float = 0.1                 # rfa: smoothing
     tau: float = 10.0               # cclip: clipping radius
     L: int = 3                      # cclip: inner iterations
+    niters: int = 5                 # dnc: iterations (random coordinate subsets)
+    c: float = 1.0                  # dnc: filtering fraction, keeps m - floor(c f') rows per iteration
+    norm_low: float = 0.1           # signguard: keep norms >= norm_low x the median norm
+    norm_high: float = 3.0          # signguard: keep norms <= norm_high x the median norm
+    sign_fraction: float = 0.1      # signguard: fraction of coordinates drawn for the sign statistics
+    root_size: int = 100            # fltrust: training examples in the server's trusted root set
     allow_unsafe: bool = False      # run even when the rule's requirement on (m, f') fails
 
 

@@ -89,7 +89,7 @@ class ShardedServer:
         tails = self.exchange.all_gather(t.rows[:, L.tail].contiguous())           # (n, nb + 2)
         generator = streams.generator("resampling", t.cfg.seed, step)
         outputs, groups = t.resampler(mine, generator, self.columns)
-        part = self.rule.aggregate(outputs, self.columns)
+        part = self.rule.aggregate(outputs, self.columns, **t.rule_inputs(step))
         update = self.whole(part, t.payload[L.update])
         self.rule.settle(torch.isfinite(update).all())
         t.finish_payload(update, tails, groups, step, byzantine)

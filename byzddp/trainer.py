@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from byzddp import attacks, checkpoint, config, data, models, pipeline, sharded, streams, workers
 from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
-from byzddp.errors import NonFiniteError
+from byzddp.errors import ConfigError, NonFiniteError
 from byzddp.exchange import Exchange
 from byzddp.layout import RowLayout, Status
 
@@ -78,6 +78,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.pipeline = pipeline.build(cfg)
         self.resampler, self.aggregator = self.pipeline.pre, self.pipeline.rule
+        self.root = self._root_set() if self.pipeline.rule.trusted_root else None   # fltrust
         self.attack = attacks.from_config(cfg)
         self.exchange = Exchange(topo)
         # train.exchange=sharded: every rank aggregates a column slice (byzddp/sharded.py); it
@@ -214,12 +215,47 @@ class Trainer:
                 self._load_buffers(replica_buffers)
             self.rows[i, L.loss] = loss.detach()
 
+    def _root_set(self) -> tuple:
+        """fltrust's trusted root set: aggregator.root_size training examples, drawn once from a
+        stream keyed by the seed (the same on every rank)."""
+        size, total = self.cfg.aggregator.root_size, len(self.ds.train_y)
+        if size > total:
+            raise ConfigError(f"config key aggregator.root_size: {size} root examples but the training set "
+                              f"holds {total}; lower aggregator.root_size")
+        pick = torch.randperm(total, generator=streams.generator("root", self.cfg.seed))[:size].to(self.device)
+        return self.ds.train_x[pick], self.ds.train_y[pick]
+
+    def root_gradient(self, step: int) -> torch.Tensor:
+        """fltrust: the server's gradient g0 on its root set with the current model (train mode, as
+        the workers), flat; the replica's BatchNorm buffers are left as they were. Every rank that
+        aggregates computes it from the same replica and data, so it is the same on all."""
+        x, y = self.root
+        replica_buffers = self._flat_buffers() if self.nb else None
+        if self.has_dropout:
+            torch.manual_seed(streams.key("root-dropout", self.cfg.seed, step))
+        with torch.enable_grad():
+            grads = torch.autograd.grad(F.cross_entropy(self.model(x), y), self.params)
+        if self.nb:
+            self._load_buffers(replica_buffers)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    def rule_inputs(self, step: int) -> dict:
+        """What the rule takes besides its rows: the step's random stream, keyed by (seed, step) so
+        that every rank draws the same (dnc, signguard), and the root gradient (fltrust)."""
+        rule, inputs = self.pipeline.rule, {}
+        if rule.draws:
+            inputs["generator"] = streams.generator("aggregator", self.cfg.seed, step)
+        if rule.trusted_root:
+            inputs["root_gradient"] = self.root_gradient(step)
+        return inputs
+
     def server_step(self, gathered: torch.Tensor, step: int, byzantine: List[int]) -> None:
         """On rank 0: pre-aggregation, the robust rule, the payload to broadcast."""
         L = self.layout
         vectors = gathered[:, L.vector]
         outputs, groups = self.resampler(vectors, streams.generator("resampling", self.cfg.seed, step))
-        update = self.aggregator.aggregate(outputs)   # no host sync: checked on the device
+        # Checked on the device, no host sync (but dnc's and signguard's data-dependent selection).
+        update = self.aggregator.aggregate(outputs, **self.rule_inputs(step))
         self.finish_payload(update, gathered[:, L.tail], groups, step, byzantine)
 
     def finish_payload(self, update: torch.Tensor, tails: torch.Tensor, groups: List[torch.Tensor],

@@ -24,6 +24,22 @@ Rules (f = rows the rule must tolerate; every rule accepts f):
   bulyan (f)           Krum selects theta = m-2f rows one at a time (each time Krum on the rows
                        left); per coordinate, the mean of the beta = theta-2f selected values
                        closest to their median (El Mhamdi et al. 2018).
+  dnc (niters, b, c)   divide-and-conquer: niters times, on b random coordinates, score each row by
+                       its squared projection on the top singular direction of the centred rows,
+                       keep the m - floor(c f) lowest; the mean of the rows kept every time
+                       (Shejwalkar & Houmansadr 2021).
+  signguard (norm_low, norm_high, sign_fraction)
+                       rows with norm in [norm_low, norm_high] x the median norm, intersected with
+                       the largest mean-shift cluster of sign statistics (fractions of positive,
+                       zero, negative entries on a random sign_fraction of the coordinates); their
+                       mean, each clipped to the median norm (Xu et al. 2022).
+  fltrust (root_size)  trust TS_i = ReLU(cos(g_i, g0)) with g0 the server's gradient on a trusted
+                       root set of root_size training examples; sum TS_i g_i ||g0||/||g_i|| / sum
+                       TS_i (Cao et al. 2021). A different threat model: the server holds clean data.
+
+dnc and signguard take the step's random stream (`aggregate(grads, generator=g)`), fltrust the
+root gradient (`aggregate(grads, root_gradient=g0)`); the trainer gives both (`draws`,
+`trusted_root`).
 
 Ties go to the lowest row index (docs/design.md, "Tie-breaking"). Up to f non-finite rows never
 reach a robust rule's output; otherwise the rule raises NonFiniteError (docs/design.md,
@@ -44,6 +60,7 @@ from typing import Optional
 from byzddp.aggregators.base import Aggregator
 from byzddp.aggregators.cclip import CenteredClipping
 from byzddp.aggregators.coordinate import CoordinateMedian, MeanAroundMedian, Mean, TrimmedMean
+from byzddp.aggregators.filters import DivideAndConquer, FLTrust, SignGuard
 from byzddp.aggregators.krum import Bulyan, Krum, MultiKrum
 from byzddp.aggregators.rfa import RFA
 from byzddp.errors import ConfigError, NonFiniteError
@@ -53,7 +70,8 @@ __all__ = ["Aggregator", "Columns", "ConfigError", "NonFiniteError", "RULES", "P
            "rule_class", "param_problem", "gram_matrix", "grid_width", "pairwise_squared_distances"]
 
 _CLASSES = {cls.name: cls for cls in (Mean, Krum, MultiKrum, CoordinateMedian, TrimmedMean, RFA,
-                                       CenteredClipping, Bulyan, MeanAroundMedian)}
+                                       CenteredClipping, Bulyan, MeanAroundMedian, DivideAndConquer,
+                                       SignGuard, FLTrust)}
 RULES = tuple(_CLASSES)
 # Parameters each rule accepts besides f.
 PARAMS = {name: cls.params for name, cls in _CLASSES.items()}
@@ -63,18 +81,21 @@ PARAMS = {name: cls.params for name, cls in _CLASSES.items()}
 
 def param_problem(key: str, value) -> Optional[str]:
     """Why `value` is not valid for parameter `key`, or None."""
-    if key in ("f", "m", "b", "T", "L"):
+    if key in ("f", "m", "b", "T", "L", "niters", "root_size"):
         low = 0 if key in ("f", "b") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             return f"must be an integer >= {low}"
+    elif key == "sign_fraction" and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                     or not 0 < value <= 1):
+        return "must be a fraction in (0, 1]"
     elif not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
         return "must be a positive number"
     return None
 
 
 def build(name: str, **params) -> Aggregator:
-    """The rule `name` with its parameters (f for every rule; m, b, T, nu, tau, L where used;
-    None means the default)."""
+    """The rule `name` with its parameters (f for every rule; m, b, T, nu, tau, L, niters, c,
+    norm_low, norm_high, sign_fraction, root_size where used; None means the default)."""
     if name not in _CLASSES:
         raise ConfigError(f"unknown aggregator '{name}'; choose one of {', '.join(RULES)}")
     allowed = ("f", *PARAMS[name])

@@ -31,6 +31,8 @@ class Aggregator:
     name = ""
     params: tuple = ()  # the parameters the rule takes besides f
     stateful = False  # whether the rule keeps state that `settle` must confirm
+    draws = False  # takes the step's random stream: aggregate(..., generator=g) (dnc, signguard)
+    trusted_root = False  # takes the server's root-set gradient: aggregate(..., root_gradient=g0) (fltrust)
 
     def __init__(self, f: int = 0) -> None:
         self.f = f
@@ -58,8 +60,8 @@ class Aggregator:
         return None
 
     @torch.no_grad()
-    def __call__(self, grads: Tensor) -> Tensor:
-        out = self.aggregate(grads)
+    def __call__(self, grads: Tensor, **inputs) -> Tensor:
+        out = self.aggregate(grads, **inputs)
         if not bool(torch.isfinite(out).all()):
             raise NonFiniteError(self._non_finite_message(grads.shape[0]))
         return out

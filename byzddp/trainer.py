@@ -389,7 +389,7 @@ class Trainer:
         self.aggregator.load_state_dict(state["aggregator"])
         self.resampler.load_state_dict(state["resampler"])
         self.attack.load_state_dict(state["attack"])
-        previous = state.get("previous_update")
+        previous = state["previous_update"]
         self.previous_update = None if previous is None else previous.to(self.device)
         self.selection_counts.copy_(state["selection_counts"])
         self.first_bad_step.fill_(state["first_bad_step"])

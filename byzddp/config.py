@@ -70,7 +70,8 @@ class ResamplingConfig:
 
 @dataclass
 class AttackConfig:
-    name: str = "none"              # none | bitflip | labelflip | gaussian | nm | mimic | mimic2 | alie | ipm | ... | optimal_alie | optimal_ipm | rop
+    name: str = "none"              # none | bitflip | labelflip | gaussian | nm | mimic | mimic2 | alie | ipm | ...
+                                    # (all: byzddp.attacks.ATTACKS; README "Attacks")
     count: Optional[int] = None     # real number of attackers (default: workers.byzantine)
     rotate: bool = False            # draw a new Byzantine set every step
     sigma: float = 200.0            # gaussian

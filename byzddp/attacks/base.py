@@ -126,6 +126,9 @@ def pipeline_on(ctx: AttackContext, rows: torch.Tensor):
     every call of a step. A stateful rule (cclip) starts from the state the server holds, which
     is the previous step's update (ctx.previous; none at the first step)."""
     p = ctx.pipeline
+    if p is None:
+        raise ValueError("this attack runs the server's pipeline: give AttackContext.pipeline "
+                         "(the trainer does, for attacks with needs_pipeline)")
     if p.rule.stateful:
         p.rule.load_state_dict({} if ctx.previous is None else {"centre": ctx.previous})
     outputs, groups = p.pre(rows, streams.generator("attack-resampling", ctx.seed, ctx.step))

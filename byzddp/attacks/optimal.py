@@ -122,6 +122,7 @@ class OptimalALIE(OptimalScale):
 class OptimalIPM(OptimalScale):
     """IPM's -epsilon*mu (honest mean, as `ipm`) with epsilon chosen each step."""
     name = "optimal_ipm"
+    min_honest = 1
 
     def line(self, g, mean):
         return torch.zeros_like(mean), -mean

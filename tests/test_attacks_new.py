@@ -117,6 +117,31 @@ def test_optimal_scale_is_as_good_as_a_dense_grid(name, rule):
         assert distance(t) > distance(fixed) * 1.1
 
 
+@pytest.mark.parametrize("rule", ["cm", "trimmed_mean"])
+def test_optimal_ipm_does_at_least_as_much_harm_as_byzfls(rule):
+    """ByzFL 0.0.11's Optimal_InnerProductManipulation (its own line search, expanding from 0 by
+    doubling steps, then contracting) against the same rule: searching a range that holds ByzFL's
+    epsilon, the vector chosen here moves the aggregate at least as far."""
+    import byzfl
+    rows = _honest_rows(4)
+    honest = [w for w in range(N) if w not in BYZ]
+    g = rows[honest].double()
+    agg = byzfl.Median() if rule == "cm" else byzfl.TrMean(f=F)
+    theirs = torch.from_numpy(byzfl.Optimal_InnerProductManipulation(agg=agg, pre_agg_list=[], f=F)(g.numpy()))
+    epsilon = float(-(theirs @ g.mean(0)) / (g.mean(0) @ g.mean(0)))
+    assert epsilon > 0
+    cfg = _cfg(f"aggregator.name={rule}", "attack.name=optimal_ipm")
+    _, sent = _forge("optimal_ipm", cfg, rows, search_max=2 * epsilon, search_evals=40)
+
+    def distance(v):
+        x = rows.clone()
+        x[BYZ] = v.float()
+        return float((RULES[rule](x).double() - g.mean(0)).norm())
+
+    assert distance(sent[BYZ[0]]) >= distance(theirs) * (1 - 1e-3)
+    assert distance(theirs) > distance(-0.1 * g.mean(0))      # their search does something too
+
+
 def test_line_search_finds_an_interior_peak_the_top_and_breaks_ties_low():
     t, v = attacks.line_search(lambda x: -(x - 3.7) ** 2, 10.0, 20)
     assert abs(t - 3.7) < 0.05 and v == -(t - 3.7) ** 2

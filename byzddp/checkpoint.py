@@ -70,7 +70,8 @@ def _steps(out: Path):
 
 # What Trainer.state_dict() holds; a checkpoint missing any of them cannot be resumed.
 KEYS = ("config_hash", "step", "model", "optimizer", "scheduler", "worker_momentum", "aggregator",
-        "resampler", "attack", "selection_counts", "first_bad_step", "history", "wall_seconds")
+        "resampler", "attack", "previous_update", "selection_counts", "first_bad_step", "history",
+        "wall_seconds")
 
 
 def read(path: Path, device) -> dict:

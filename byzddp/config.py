@@ -79,17 +79,25 @@ class ResamplingConfig:
 @dataclass
 class AttackConfig:
     name: str = "none"              # none | bitflip | labelflip | gaussian | nm | mimic | mimic2 | alie | ipm | ...
+                                    # (all: byzddp.attacks.ATTACKS; README "Attacks")
     count: Optional[int] = None     # real number of attackers (default: workers.byzantine)
     rotate: bool = False            # draw a new Byzantine set every step
     sigma: float = 200.0            # gaussian
     epsilon: float = 0.1            # ipm
-    z: Optional[float] = None       # alie (default from n and f)
+    z: Optional[float] = None       # alie (default from n and f); rop: the perturbation's norm (same default)
     warmup: int = 1                 # mimic: steps to pick the target
     delay: int = 10                 # stale: resend the gradient of this many steps ago
     perturbation: str = "std"       # minmax/minsum: std | unit | sign
     gamma_init: float = 10.0        # minmax/minsum: first gamma of the binary search
     gamma_tol: float = 1e-5         # minmax/minsum: binary search stops at this step size
-    target: str = "median"          # fang: the rule type attacked (median; krum not implemented)
+    target: str = "auto"            # fang: the rule type attacked: auto (krum for krum/multikrum/bulyan,
+                                    # median otherwise) | median | krum (needs a krum-type rule)
+    search_max: float = 10.0        # optimal_alie/optimal_ipm: the scale (z, epsilon) is searched in [0, this]
+    search_evals: int = 20          # optimal_alie/optimal_ipm: pipeline evaluations per step (half a grid,
+                                    # half golden-section refinement)
+    pi: float = 1.0                 # rop: attack location, pi * previous update + (1 - pi) * honest mean
+    lamb: float = 0.9               # rop: reference direction, lamb * previous update + (1 - lamb) * honest mean
+    angle: float = 90.0             # rop: degrees between the perturbation and the reference (90: orthogonal)
 
 
 @dataclass

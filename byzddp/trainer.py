@@ -80,6 +80,11 @@ class Trainer:
         self.resampler, self.aggregator = self.pipeline.pre, self.pipeline.rule
         self.root = self._root_set() if self.pipeline.rule.trusted_root else None   # fltrust
         self.attack = attacks.from_config(cfg)
+        # Attacks that model the server get their own copy of the pipeline: searching it must not
+        # move the server's state (cclip's centre). Attacks that learn from history get the
+        # previous step's update, the same on every rank and kept in checkpoints.
+        self.attack_pipeline = pipeline.build(cfg) if self.attack.needs_pipeline else None
+        self.previous_update: Optional[torch.Tensor] = None
         self.exchange = Exchange(topo)
         # train.exchange=sharded: every rank aggregates a column slice (byzddp/sharded.py); it
         # wraps self.aggregator so that cclip's sliced centre checkpoints whole.
@@ -292,7 +297,7 @@ class Trainer:
         byzantine = attacks.byzantine_set(self.cfg, step)
         self.worker_rows(step, byzantine)
         ctx = AttackContext(step, self.cfg.seed, self.rows[:, self.layout.vector], self.topo.workers, byzantine,
-                            self.exchange, self.n, self.f_declared)
+                            self.exchange, self.n, self.f_declared, self.attack_pipeline, self.previous_update)
         self.attack.forge(ctx)
         if self.sharded is not None:   # all_to_all, the rule per slice, all_gather of the update
             self.sharded.step(step, byzantine)
@@ -301,6 +306,8 @@ class Trainer:
             if self.topo.is_server:
                 self.server_step(gathered, step, byzantine)
             self.exchange.broadcast(self.payload)
+        if self.attack.needs_previous:
+            self.previous_update = self.payload[self.layout.update].clone()
         self.apply(self.payload)
         self.step += 1
 
@@ -400,6 +407,7 @@ class Trainer:
             "aggregator": self.aggregator.state_dict(),
             "resampler": self.resampler.state_dict(),
             "attack": self.attack.state_dict(),
+            "previous_update": self.previous_update,
             "selection_counts": self.selection_counts.clone(),
             "first_bad_step": int(self.first_bad_step),
             "history": list(self.history),
@@ -417,6 +425,8 @@ class Trainer:
         self.aggregator.load_state_dict(state["aggregator"])
         self.resampler.load_state_dict(state["resampler"])
         self.attack.load_state_dict(state["attack"])
+        previous = state["previous_update"]
+        self.previous_update = None if previous is None else previous.to(self.device)
         self.selection_counts.copy_(state["selection_counts"])
         self.first_bad_step.fill_(state["first_bad_step"])
         self.history = list(state["history"])

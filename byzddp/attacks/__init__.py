@@ -18,8 +18,12 @@ What each attack pays for on the wire (d = model size; nothing at all when no wo
                         of the target's vector from the rank hosting it
     mimic2              one broadcast of group one's vector
     minmax, minsum      one all_gather of every worker's vector (the whole honest set)
-    fang                one exact sum (the sign of the honest mean) and two MAX all_reduces of
-                        d values (the honest max and min); Fang et al. 2020, median target
+    fang                median target: one exact sum (the sign of the honest mean) and two MAX
+                        all_reduces of d values (the honest max and min); krum target: one
+                        all_gather, then the rule once per halving of lambda (Fang et al. 2020)
+    optimal_alie, optimal_ipm   one all_gather, then the pipeline attack.search_evals times
+    rop                 one exact sum (the honest mean); the previous update is already on
+                        every rank (Ozfatura et al. 2024)
 
 Exact sums: `exact_sum` adds honest vectors as fixed-point 64-bit integers, so the sum is
 bit-identical for any number of ranks (see docs/design.md, "Exact sums of honest vectors").
@@ -40,15 +44,18 @@ from byzddp.attacks.fang import Fang
 from byzddp.attacks.base import Attack, AttackContext, copy_of, exact_sum, honest_mean, honest_std
 from byzddp.attacks.omniscient import (ALIE, IPM, MinMax, MinSum, Mimic, Mimic2, NormalizedMean, alie_z,
                                        search_gamma)
+from byzddp.attacks.optimal import OptimalALIE, OptimalIPM, line_search
+from byzddp.attacks.rop import ROP
 from byzddp.attacks.simple import BitFlip, Gaussian, Inf, LabelFlip, NaN, Stale, Zero
 from byzddp.errors import ConfigError
 
 __all__ = ["ATTACKS", "Attack", "AttackContext", "alie_z", "build", "byzantine_set", "copy_of", "exact_sum",
-           "from_config", "honest_mean", "honest_std", "policy", "real_f", "search_gamma", "validate"]
+           "from_config", "honest_mean", "honest_std", "line_search", "policy", "real_f", "search_gamma",
+           "validate"]
 
 ATTACKS: Dict[str, Type[Attack]] = {cls.name: cls for cls in (
     Attack, BitFlip, LabelFlip, Gaussian, NormalizedMean, Mimic, Mimic2, ALIE, IPM, MinMax, MinSum,
-    NaN, Inf, Zero, Stale, Fang)}
+    NaN, Inf, Zero, Stale, Fang, OptimalALIE, OptimalIPM, ROP)}
 
 
 def real_f(cfg) -> int:
@@ -110,6 +117,7 @@ def validate(cfg) -> None:
     cls = ATTACKS[a.name]
     count_key = "attack.count" if a.count is not None else "workers.byzantine"
     cls.check(n, real_f(cfg), count_key, **config_params(cfg, cls))
+    cls.check_rule(cfg.aggregator.name, **config_params(cfg, cls))
     for other in ATTACKS.values():
         other.check_values(**config_params(cfg, other))
     if cls.fixed_set and a.rotate:

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import torch
 
+from byzddp import streams
 from byzddp.errors import ConfigError
 
 
@@ -21,6 +22,13 @@ class AttackContext:
     exchange: object            # byzddp.exchange.Exchange
     n: int
     f_declared: int
+    # For attacks that model the server (Attack.needs_pipeline): the attacker's own copy of the
+    # run's pipeline (pre-aggregation + rule), never the server's instance, so that evaluating
+    # it does not move the server's state (cclip's centre).
+    pipeline: Optional[object] = None
+    # For attacks that learn from history (Attack.needs_previous): the update the server
+    # broadcast at the previous step, identical on every rank; None before the first step.
+    previous: Optional[torch.Tensor] = None
 
     @property
     def local_byzantine(self) -> List[int]:
@@ -110,6 +118,29 @@ def copy_of(ctx: AttackContext, worker: int) -> torch.Tensor:
         buf = torch.empty(ctx.d, dtype=ctx.rows.dtype, device=ctx.rows.device)
     return ctx.exchange.broadcast_from_worker(worker, buf)
 
+
+def pipeline_on(ctx: AttackContext, rows: torch.Tensor):
+    """(aggregate, groups): the attacker's copy of the run's pipeline (ctx.pipeline) on all n
+    rows, in worker order. The attacker does not know the server's random draw: the
+    pre-aggregation draws from the attacker's own stream, keyed by (seed, step), the same for
+    every call of a step. A stateful rule (cclip) starts from the state the server holds, which
+    is the previous step's update (ctx.previous; none at the first step)."""
+    p = ctx.pipeline
+    if p is None:
+        raise ValueError("this attack runs the server's pipeline: give AttackContext.pipeline "
+                         "(the trainer does, for attacks with needs_pipeline)")
+    if p.rule.stateful:
+        p.rule.load_state_dict({} if ctx.previous is None else {"centre": ctx.previous})
+    outputs, groups = p.pre(rows, streams.generator("attack-resampling", ctx.seed, ctx.step))
+    return p.rule.aggregate(outputs), groups
+
+
+def everyone(ctx: AttackContext) -> torch.Tensor:
+    """Every worker's row (n, d), in worker order, on every rank: one all_gather (a copy, so the
+    bits are the same on every rank). Collective."""
+    return ctx.exchange.all_gather(ctx.rows.contiguous())
+
+
 # ---------------------------------------------------------------------------- attacks
 
 def require_positive(key: str, value) -> None:
@@ -126,6 +157,8 @@ class Attack:
     fixed_set = False           # copies fixed honest workers: no rotating Byzantine set
     partition: Optional[str] = None     # the data.partition the attack needs, if any
     positive: tuple = ()        # parameters that must be > 0
+    needs_pipeline = False      # gets its own copy of the run's pipeline in ctx.pipeline
+    needs_previous = False      # gets the previous step's update in ctx.previous
 
     @classmethod
     def check_values(cls, **params) -> None:
@@ -143,6 +176,10 @@ class Attack:
         if f > 0 and n - f < cls.min_honest:
             raise ConfigError(f"config key {f_key}: attack {cls.name} needs at least {cls.min_honest} "
                               f"honest workers, n - f = {n - f}; lower it or raise workers.n")
+
+    @classmethod
+    def check_rule(cls, rule: str, **params) -> None:
+        """One-line ConfigError when the attack cannot run against aggregator.name=`rule`."""
 
     def labels(self, y: torch.Tensor, classes: int) -> torch.Tensor:
         """Labels a Byzantine worker trains on (honest ones always use the true labels)."""

@@ -389,3 +389,17 @@ def test_new_attacks_are_bit_identical_on_one_and_two_ranks(one_rank, tmp_path):
             same = torch.equal(a.view(torch.int32), b.view(torch.int32)) if torch.is_tensor(a) else a == b
             assert same, f"{label}: {key} differs on 2 ranks"
     assert two["rop-cclip"]["resumed_sha"] == one_rank["rop-cclip"]["sha"]
+
+
+@pytest.mark.parametrize("rule", ["dnc", "signguard", "fltrust"])
+def test_the_attackers_pipeline_runs_rules_that_draw_or_need_a_root_gradient(rule):
+    """dnc and signguard draw from the attacker's own (seed, step) stream, fltrust gets the honest
+    mean for the server's private root gradient: the forged rows are the same on a second forge."""
+    cfg = _cfg(f"aggregator.name={rule}", "attack.name=optimal_alie", "attack.search_evals=8")
+    rows = _honest_rows()
+    first, sent = _forge("optimal_alie", cfg, rows, search_evals=8)
+    again, sent_again = _forge("optimal_alie", cfg, rows, search_evals=8)
+    assert torch.isfinite(sent).all()
+    assert torch.equal(sent, sent_again) and first.scale == again.scale
+    honest = [w for w in range(N) if w not in BYZ]
+    assert torch.equal(sent[honest], rows[honest])

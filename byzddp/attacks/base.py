@@ -124,7 +124,9 @@ def pipeline_on(ctx: AttackContext, rows: torch.Tensor):
     rows, in worker order. The attacker does not know the server's random draw: the
     pre-aggregation draws from the attacker's own stream, keyed by (seed, step), the same for
     every call of a step. A stateful rule (cclip) starts from the state the server holds, which
-    is the previous step's update (ctx.previous; none at the first step)."""
+    is the previous step's update (ctx.previous; none at the first step). A rule that draws
+    (dnc, signguard) draws from the attacker's own stream too; fltrust's root gradient, computed
+    on the server's private root set, is estimated by the honest mean."""
     p = ctx.pipeline
     if p is None:
         raise ValueError("this attack runs the server's pipeline: give AttackContext.pipeline "
@@ -132,7 +134,12 @@ def pipeline_on(ctx: AttackContext, rows: torch.Tensor):
     if p.rule.stateful:
         p.rule.load_state_dict({} if ctx.previous is None else {"centre": ctx.previous})
     outputs, groups = p.pre(rows, streams.generator("attack-resampling", ctx.seed, ctx.step))
-    return p.rule.aggregate(outputs), groups
+    inputs = {}
+    if p.rule.draws:
+        inputs["generator"] = streams.generator("attack-aggregator", ctx.seed, ctx.step)
+    if p.rule.trusted_root:
+        inputs["root_gradient"] = rows[ctx.honest].mean(dim=0)
+    return p.rule.aggregate(outputs, **inputs), groups
 
 
 def everyone(ctx: AttackContext) -> torch.Tensor:

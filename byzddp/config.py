@@ -52,13 +52,14 @@ class WorkersConfig:
 
 @dataclass
 class AggregatorConfig:
-    name: str = "cm"                # mean | krum | multikrum | cm | trimmed_mean | rfa | cclip | bulyan | meamed
+    name: str = "cm"                # mean | krum | multikrum | cm | trimmed_mean | rfa | cclip | bulyan | meamed | mda | smea | monna | caf
     m: Optional[int] = None         # multikrum: how many best-scored to average (default n - f)
     b: Optional[int] = None         # trimmed_mean: trimmed per side (default f')
     T: int = 8                      # rfa: smoothed Weiszfeld iterations
     nu: float = 0.1                 # rfa: smoothing
     tau: float = 10.0               # cclip: clipping radius
     L: int = 3                      # cclip: inner iterations
+    designated: int = 0             # monna: the trusted (honest) worker whose m-f nearest rows are averaged
     allow_unsafe: bool = False      # run even when the rule's requirement on (m, f') fails
 
 

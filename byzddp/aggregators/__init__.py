@@ -24,6 +24,19 @@ Rules (f = rows the rule must tolerate; every rule accepts f):
   bulyan (f)           Krum selects theta = m-2f rows one at a time (each time Krum on the rows
                        left); per coordinate, the mean of the beta = theta-2f selected values
                        closest to their median (El Mhamdi et al. 2018).
+  mda (f)              minimum diameter averaging: the mean of the m-f rows whose subset has the
+                       smallest diameter (largest pairwise distance), exact over all C(m, m-f)
+                       subsets (El Mhamdi et al. 2018); refused above subsets.MAX_SUBSETS subsets.
+  smea (f)             smallest maximum eigenvalue averaging: the mean of the m-f rows whose
+                       empirical covariance has the smallest largest eigenvalue, exact over all
+                       subsets (Allouah et al. 2023); same limit.
+  monna (f, designated)  the mean of the m-f rows nearest to the designated (honest) worker's row,
+                       itself included (Farhadkhani et al. 2023); needs row i = worker i (no
+                       pre-aggregation, or nnm).
+  caf (f)              covariance-bound agnostic filter: weights 1, then while their sum > m-2f,
+                       c_i *= 1 - tau_i/tau_max with tau_i the squared projection of x_i - mu on
+                       the weighted covariance's top eigenvector; the weighted mean mu with the
+                       smallest top eigenvalue seen (Allouah, Guerraoui and Stephan 2025).
 
 Ties go to the lowest row index (docs/design.md, "Tie-breaking"). Up to f non-finite rows never
 reach a robust rule's output; otherwise the rule raises NonFiniteError (docs/design.md,
@@ -46,6 +59,8 @@ from byzddp.aggregators.cclip import CenteredClipping
 from byzddp.aggregators.coordinate import CoordinateMedian, MeanAroundMedian, Mean, TrimmedMean
 from byzddp.aggregators.krum import Bulyan, Krum, MultiKrum
 from byzddp.aggregators.rfa import RFA
+from byzddp.aggregators.spectral import CovarianceAgnosticFilter
+from byzddp.aggregators.subsets import MinimumDiameterAveraging, MoNNA, SmallestMaxEigenvalueAveraging
 from byzddp.errors import ConfigError, NonFiniteError
 from byzddp.geometry import Columns, gram_matrix, grid_width, pairwise_squared_distances
 
@@ -53,7 +68,8 @@ __all__ = ["Aggregator", "Columns", "ConfigError", "NonFiniteError", "RULES", "P
            "rule_class", "param_problem", "gram_matrix", "grid_width", "pairwise_squared_distances"]
 
 _CLASSES = {cls.name: cls for cls in (Mean, Krum, MultiKrum, CoordinateMedian, TrimmedMean, RFA,
-                                       CenteredClipping, Bulyan, MeanAroundMedian)}
+                                       CenteredClipping, Bulyan, MeanAroundMedian, MinimumDiameterAveraging,
+                                       SmallestMaxEigenvalueAveraging, MoNNA, CovarianceAgnosticFilter)}
 RULES = tuple(_CLASSES)
 # Parameters each rule accepts besides f.
 PARAMS = {name: cls.params for name, cls in _CLASSES.items()}
@@ -63,8 +79,8 @@ PARAMS = {name: cls.params for name, cls in _CLASSES.items()}
 
 def param_problem(key: str, value) -> Optional[str]:
     """Why `value` is not valid for parameter `key`, or None."""
-    if key in ("f", "m", "b", "T", "L"):
-        low = 0 if key in ("f", "b") else 1
+    if key in ("f", "m", "b", "T", "L", "designated"):
+        low = 0 if key in ("f", "b", "designated") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             return f"must be an integer >= {low}"
     elif not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
@@ -73,7 +89,7 @@ def param_problem(key: str, value) -> Optional[str]:
 
 
 def build(name: str, **params) -> Aggregator:
-    """The rule `name` with its parameters (f for every rule; m, b, T, nu, tau, L where used;
+    """The rule `name` with its parameters (f for every rule; m, b, T, nu, tau, L, designated where used;
     None means the default)."""
     if name not in _CLASSES:
         raise ConfigError(f"unknown aggregator '{name}'; choose one of {', '.join(RULES)}")

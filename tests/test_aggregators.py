@@ -128,6 +128,9 @@ def reference(name, rows, f, **p):
     raise KeyError(name)
 
 
+REFERENCE_RULES = ("mean", "krum", "multikrum", "cm", "trimmed_mean", "rfa", "cclip", "bulyan", "meamed")
+
+
 def spread_rows(n, d, seed, dtype=torch.float64):
     """Random rows in a few clusters of different spread: no ties, non-trivial choices."""
     g = torch.Generator().manual_seed(seed)
@@ -184,7 +187,7 @@ def test_rule_is_invariant_to_the_order_of_its_inputs(name, n, f, params):
 
 def test_float32_output_matches_the_definition_and_keeps_dtype():
     x = spread_rows(11, 40, seed=3, dtype=torch.float32)
-    for name in A.RULES:
+    for name in REFERENCE_RULES:  # rules defined elsewhere are checked in their own test files
         out = A.build(name, f=2)(x)
         want, _ = reference(name, rows_of(x), 2)
         assert out.dtype == torch.float32

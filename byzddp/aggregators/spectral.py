@@ -48,8 +48,9 @@ class CovarianceAgnosticFilter(Aggregator):
         # Each step zeroes the weight of a row with the largest tau, so after j steps at most
         # m - j rows weigh at most 1 each: 2f steps always reach the stop. A fixed count with an
         # `active` flag keeps the loop on the device (no host sync).
+        tiny = torch.finfo(torch.float64).tiny
         for _ in range(2 * self.f):
-            p = c / c.sum()
+            p = c / c.sum().clamp_min(tiny)  # no finite row: p = 0, a zero matrix (eigh refuses NaN)
             gram = weighted_centred_gram(dist, p)
             root = p.sqrt()
             values, vectors = torch.linalg.eigh(root[:, None] * gram * root[None, :])

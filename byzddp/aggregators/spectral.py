@@ -46,10 +46,10 @@ class CovarianceAgnosticFilter(Aggregator):
         best = torch.full((), math.inf, dtype=torch.float64, device=x.device)
         active = c.sum() > threshold
         # Each step zeroes the weight of a row with the largest tau, so after j steps at most
-        # m - j rows weigh at most 1 each: 2f steps always reach the stop. A fixed count with an
-        # `active` flag keeps the loop on the device (no host sync).
+        # m - j rows weigh at most 1 each: 2f steps (m at most) always reach the stop. A fixed
+        # count with an `active` flag keeps the loop on the device (no host sync).
         tiny = torch.finfo(torch.float64).tiny
-        for _ in range(2 * self.f):
+        for _ in range(min(2 * self.f, m)):
             p = c / c.sum().clamp_min(tiny)  # no finite row: p = 0, a zero matrix (eigh refuses NaN)
             gram = weighted_centred_gram(dist, p)
             root = p.sqrt()

@@ -44,15 +44,17 @@ def _too_many(name: str, m: int, f: int) -> Optional[str]:
 
 
 @lru_cache(maxsize=16)
-def _subsets(m: int, k: int) -> Tensor:
-    """Every k-subset of range(m) as a (C(m, k), k) index, in lexicographic order (CPU)."""
-    return torch.tensor(list(itertools.combinations(range(m), k)), dtype=torch.long).view(-1, k)
+def _subsets(m: int, k: int, device: torch.device) -> Tensor:
+    """Every k-subset of range(m) as a (C(m, k), k) index, in lexicographic order (that of
+    itertools.combinations), made once per (m, k, device)."""
+    index = torch.tensor(list(itertools.combinations(range(m), k)), dtype=torch.long).view(-1, k)
+    return index.to(device)
 
 
 def _blocks(dist: Tensor, k: int):
     """(start, subsets, D[S, S]) for the subsets in batches; D[S, S] is (batch, k, k)."""
     m = dist.shape[0]
-    index = _subsets(m, k).to(dist.device)
+    index = _subsets(m, k, dist.device)
     step = max(1, _BATCH_ENTRIES // (k * k))
     for start in range(0, index.shape[0], step):
         s = index[start:start + step]
@@ -93,7 +95,7 @@ class _SubsetRule(Aggregator):
         for start, s, block in _blocks(dist, k):
             values[start:start + s.shape[0]] = self._values(block, k)
         best = torch.argmin(values)  # the first among equal values; every value +Inf: the first subset
-        self.selected = _subsets(m, k).to(x.device)[best]
+        self.selected = _subsets(m, k, x.device)[best]
         return _mean_of_rows(x, self.selected, cols)
 
     def _values(self, block: Tensor, k: int) -> Tensor:

@@ -53,7 +53,7 @@ class WorkersConfig:
 @dataclass
 class AggregatorConfig:
     name: str = "cm"                # mean | krum | multikrum | cm | trimmed_mean | rfa | cclip | bulyan | meamed
-                                    # | dnc | signguard | fltrust
+                                    # | dnc | signguard | fltrust | mda | smea | monna | caf
     m: Optional[int] = None         # multikrum: how many best-scored to average (default n - f)
     b: Optional[int] = None         # trimmed_mean: trimmed per side (default f'); dnc: coordinates
                                     # subsampled per iteration (default 10000, capped at d)
@@ -67,6 +67,7 @@ class AggregatorConfig:
     norm_high: float = 3.0          # signguard: keep norms <= norm_high x the median norm
     sign_fraction: float = 0.1      # signguard: fraction of coordinates drawn for the sign statistics
     root_size: int = 100            # fltrust: training examples in the server's trusted root set
+    designated: int = 0             # monna: the trusted (honest) worker whose m-f nearest rows are averaged
     allow_unsafe: bool = False      # run even when the rule's requirement on (m, f') fails
 
 

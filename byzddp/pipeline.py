@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from byzddp import aggregators, resampling
+from byzddp import aggregators, attacks, resampling
 from byzddp.aggregators.base import Aggregator
 from byzddp.errors import ConfigError
 from byzddp.resampling import Resampler
@@ -38,6 +38,30 @@ def build(cfg) -> Pipeline:
     return Pipeline(pre, aggregators.build(cls.name, **cls.resolve(_given(cfg, cls), m, fp)), m, fp)
 
 
+# Pre-aggregations after which row i is still worker i's vector (nnm: worker i's mixture).
+ROW_KEEPING = ("none", "nnm")
+
+
+def _check_designated(cfg, designated: int) -> None:
+    """A rule that trusts one worker's row (monna) needs row i to be worker i's vector and that
+    worker honest at every step."""
+    name, n, pre = cfg.aggregator.name, cfg.workers.n, cfg.resampling.name
+    if pre not in ROW_KEEPING:
+        raise ConfigError(f"config key resampling.name: {name} trusts worker aggregator.designated={designated}'s "
+                          f"row, but {pre} mixes workers into new rows; set resampling.name=none (or nnm)")
+    fa = attacks.real_f(cfg)
+    if fa == 0 or designated >= n:  # designated >= n: refused by the rule's `impossible`
+        return
+    if attacks.policy(cfg) == "rotating":
+        raise ConfigError(f"config key aggregator.designated: {name} needs worker {designated} honest at every "
+                          f"step, but attack.rotate=true draws a fresh Byzantine set each step that can hold it; "
+                          f"set attack.rotate=false (then the last {fa} workers attack)")
+    if designated in attacks.byzantine_set(cfg, 0):
+        raise ConfigError(f"config key aggregator.designated: worker {designated} is Byzantine (attack "
+                          f"{cfg.attack.name}: the last {fa} of workers.n={n} attack); choose a worker "
+                          f"below {n - fa}")
+
+
 def validate(cfg) -> Pipeline:
     """One-line ConfigError for a pre-aggregation or rule that cannot run on the config's
     workers, or a rule requirement on (m, f') that fails (a warning under allow_unsafe)."""
@@ -54,6 +78,8 @@ def validate(cfg) -> Pipeline:
     p = build(cfg)
     cls = type(p.rule)
     params = cls.resolve(_given(cfg, cls), p.m, p.fp)
+    if "designated" in cls.params:
+        _check_designated(cfg, params["designated"])
     impossible = cls.impossible(p.m, params)     # no flag lifts these
     if impossible:
         raise ConfigError(f"config key {impossible[0]}: {impossible[1]}")

@@ -14,8 +14,9 @@ from byzddp import config, pipeline
 from byzddp.config import ConfigError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# The rules defined here; dnc, signguard and fltrust (per-step inputs) are in tests/test_filter_rules.py.
-TEXTBOOK_RULES = [r for r in A.RULES if r not in ("dnc", "signguard", "fltrust")]
+# The rules with a reference definition here; the others have their own test files
+# (test_subset_rules.py: mda, smea, monna, caf; test_filter_rules.py: dnc, signguard, fltrust).
+TEXTBOOK_RULES = ["mean", "krum", "multikrum", "cm", "trimmed_mean", "rfa", "cclip", "bulyan", "meamed"]
 
 
 # ---------------------------------------------------------------------------- textbook definitions

@@ -66,7 +66,8 @@ def bits(t):
 
 
 RULES = [("mean", {}), ("krum", {}), ("multikrum", {}), ("cm", {}), ("trimmed_mean", {"b": 2}),
-         ("rfa", {"T": 3}), ("cclip", {"tau": 0.5, "L": 2}), ("bulyan", {"f": 1}), ("meamed", {})]
+         ("rfa", {"T": 3}), ("cclip", {"tau": 0.5, "L": 2}), ("bulyan", {"f": 1}), ("meamed", {}),
+         ("mda", {}), ("smea", {}), ("monna", {"designated": 3}), ("caf", {})]
 
 
 @pytest.mark.parametrize("resampler", R.NAMES)

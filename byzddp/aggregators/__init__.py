@@ -24,6 +24,19 @@ Rules (f = rows the rule must tolerate; every rule accepts f):
   bulyan (f)           Krum selects theta = m-2f rows one at a time (each time Krum on the rows
                        left); per coordinate, the mean of the beta = theta-2f selected values
                        closest to their median (El Mhamdi et al. 2018).
+  mda (f)              minimum diameter averaging: the mean of the m-f rows whose subset has the
+                       smallest diameter (largest pairwise distance), exact over all C(m, m-f)
+                       subsets (El Mhamdi et al. 2018); refused above subsets.MAX_SUBSETS subsets.
+  smea (f)             smallest maximum eigenvalue averaging: the mean of the m-f rows whose
+                       empirical covariance has the smallest largest eigenvalue, exact over all
+                       subsets (Allouah et al. 2023); same limit.
+  monna (f, designated)  the mean of the m-f rows nearest to the designated (honest) worker's row,
+                       itself included (Farhadkhani et al. 2023); needs row i = worker i (no
+                       pre-aggregation, or nnm).
+  caf (f)              covariance-bound agnostic filter: weights 1, then while their sum > m-2f,
+                       c_i *= 1 - tau_i/tau_max with tau_i the squared projection of x_i - mu on
+                       the weighted covariance's top eigenvector; the weighted mean mu with the
+                       smallest top eigenvalue seen (Allouah, Guerraoui and Stephan 2025).
   dnc (niters, b, c)   divide-and-conquer: niters times, on b random coordinates, score each row by
                        its squared projection on the top singular direction of the centred rows,
                        keep the m - floor(c f) lowest; the mean of the rows kept every time
@@ -63,6 +76,8 @@ from byzddp.aggregators.coordinate import CoordinateMedian, MeanAroundMedian, Me
 from byzddp.aggregators.filters import DivideAndConquer, FLTrust, SignGuard
 from byzddp.aggregators.krum import Bulyan, Krum, MultiKrum
 from byzddp.aggregators.rfa import RFA
+from byzddp.aggregators.spectral import CovarianceAgnosticFilter
+from byzddp.aggregators.subsets import MinimumDiameterAveraging, MoNNA, SmallestMaxEigenvalueAveraging
 from byzddp.errors import ConfigError, NonFiniteError
 from byzddp.geometry import Columns, gram_matrix, grid_width, pairwise_squared_distances
 
@@ -71,7 +86,8 @@ __all__ = ["Aggregator", "Columns", "ConfigError", "NonFiniteError", "RULES", "P
 
 _CLASSES = {cls.name: cls for cls in (Mean, Krum, MultiKrum, CoordinateMedian, TrimmedMean, RFA,
                                        CenteredClipping, Bulyan, MeanAroundMedian, DivideAndConquer,
-                                       SignGuard, FLTrust)}
+                                       SignGuard, FLTrust, MinimumDiameterAveraging,
+                                       SmallestMaxEigenvalueAveraging, MoNNA, CovarianceAgnosticFilter)}
 RULES = tuple(_CLASSES)
 # Parameters each rule accepts besides f.
 PARAMS = {name: cls.params for name, cls in _CLASSES.items()}
@@ -81,8 +97,8 @@ PARAMS = {name: cls.params for name, cls in _CLASSES.items()}
 
 def param_problem(key: str, value) -> Optional[str]:
     """Why `value` is not valid for parameter `key`, or None."""
-    if key in ("f", "m", "b", "T", "L", "niters", "root_size"):
-        low = 0 if key in ("f", "b") else 1
+    if key in ("f", "m", "b", "T", "L", "niters", "root_size", "designated"):
+        low = 0 if key in ("f", "b", "designated") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             return f"must be an integer >= {low}"
     elif key == "sign_fraction" and (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -95,7 +111,7 @@ def param_problem(key: str, value) -> Optional[str]:
 
 def build(name: str, **params) -> Aggregator:
     """The rule `name` with its parameters (f for every rule; m, b, T, nu, tau, L, niters, c,
-    norm_low, norm_high, sign_fraction, root_size where used; None means the default)."""
+    norm_low, norm_high, sign_fraction, root_size, designated where used; None means the default)."""
     if name not in _CLASSES:
         raise ConfigError(f"unknown aggregator '{name}'; choose one of {', '.join(RULES)}")
     allowed = ("f", *PARAMS[name])

@@ -32,7 +32,7 @@ def _given(cfg, cls) -> dict:
 
 def build(cfg) -> Pipeline:
     n, f = cfg.workers.n, cfg.workers.byzantine
-    pre = resampling.build(cfg.resampling.name, s=cfg.resampling.s, f=f, seed=cfg.seed)
+    pre = resampling.build(cfg.resampling.name, s=cfg.resampling.s, f=f, seed=cfg.seed, tau=cfg.resampling.tau)
     m, fp = pre.num_outputs(n), pre.byzantine_outputs(n, f)
     cls = aggregators.rule_class(cfg.aggregator.name)
     return Pipeline(pre, aggregators.build(cls.name, **cls.resolve(_given(cfg, cls), m, fp)), m, fp)
@@ -42,7 +42,7 @@ def validate(cfg) -> Pipeline:
     """One-line ConfigError for a pre-aggregation or rule that cannot run on the config's
     workers, or a rule requirement on (m, f') that fails (a warning under allow_unsafe)."""
     r, a = cfg.resampling, cfg.aggregator
-    resampling.check(r.name, r.s, cfg.workers.n, cfg.workers.byzantine)
+    resampling.check(r.name, r.s, cfg.workers.n, cfg.workers.byzantine, tau=r.tau)
     if a.name not in aggregators.RULES:
         raise ConfigError(f"config key aggregator.name: '{a.name}' is not one of {', '.join(aggregators.RULES)}")
     keys = dict.fromkeys(k for name in aggregators.RULES for k in aggregators.PARAMS[name])

@@ -299,16 +299,19 @@ class AdaptiveRobustClipping(_Clipping):
     name = "arc"
 
     def _threshold(self, norms: Tensor) -> Tensor:
-        return clipping.arc_threshold(norms, clipping.arc_count(norms.numel(), self.f))
+        n = norms.numel()
+        if self.f > n:
+            raise ValueError(f"resampling arc: f={self.f} Byzantine among {n} rows")
+        return clipping.arc_threshold(norms, clipping.arc_count(n, self.f))
 
 
 class StaticClipping(_Clipping):
     """Every row of norm above tau scaled to norm tau (`resampling.tau`). The default tau = 10 lies
     just above the honest gradients of the default experiment (mlp on MNIST-5k, sorted split,
-    batch 32: norms 7 early, 3 by step 600, at most 10.4; NOTES-preagg.md), so by default the
-    honest vectors pass (nearly) unchanged and an attack is cut to the size of the largest honest
-    gradient; it is also cclip's default radius (aggregator.tau). Other models and losses need
-    their own tau."""
+    batch 32; measured with its 8 honest workers averaged for 600 steps: norms about 7 at first,
+    3 at the end, at most 10.4), so by default honest vectors pass (nearly) unchanged and an
+    attack is cut to the size of the largest honest gradient; it is also cclip's default radius
+    (aggregator.tau). Other models and losses need their own tau."""
     name = "clipping"
 
     def __init__(self, s: int = 2, f: int = 0, seed: int = 0, tau: float = TAU) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from byzddp import aggregators as A
-from byzddp import config, pipeline, resampling as R, streams
+from byzddp import clipping as C, config, pipeline, resampling as R, streams
 from byzddp.aggregators import Columns
 from byzddp.config import ConfigError
 
@@ -81,9 +81,9 @@ def test_arc_clips_the_k_largest_rows_to_the_next_norm(n, f):
 def test_arc_clips_exactly_floor_2f_over_n_times_n_minus_f_rows():
     for n in range(1, 260):
         for f in range(0, (n + 1) // 2):
-            assert R.clipping.arc_count(n, f) == math.floor(Fraction(2 * f * (n - f), n)), (n, f)
+            assert C.arc_count(n, f) == math.floor(Fraction(2 * f * (n - f), n)), (n, f)
     # The integer floor, not the float product: 2*33/242*209 = 56.99999999999999 in floats, 57 exactly.
-    assert R.clipping.arc_count(242, 33) == 57 and int(2 * 33 / 242 * (242 - 33)) == 56
+    assert C.arc_count(242, 33) == 57 and int(2 * 33 / 242 * (242 - 33)) == 56
 
 
 def test_arc_without_byzantine_workers_is_the_identity():

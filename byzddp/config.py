@@ -73,8 +73,9 @@ class AggregatorConfig:
 
 @dataclass
 class ResamplingConfig:
-    name: str = "s_replacement"     # none | s_replacement | bucketing | with_replacement | fixed_groups | nnm
+    name: str = "s_replacement"     # none | s_replacement | bucketing | with_replacement | fixed_groups | nnm | arc | clipping
     s: int = 2                      # group size
+    tau: float = 10.0               # clipping: the static clipping radius (resampling.StaticClipping says why 10)
 
 
 @dataclass

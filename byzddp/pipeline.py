@@ -32,14 +32,15 @@ def _given(cfg, cls) -> dict:
 
 def build(cfg) -> Pipeline:
     n, f = cfg.workers.n, cfg.workers.byzantine
-    pre = resampling.build(cfg.resampling.name, s=cfg.resampling.s, f=f, seed=cfg.seed)
+    pre = resampling.build(cfg.resampling.name, s=cfg.resampling.s, f=f, seed=cfg.seed, tau=cfg.resampling.tau)
     m, fp = pre.num_outputs(n), pre.byzantine_outputs(n, f)
     cls = aggregators.rule_class(cfg.aggregator.name)
     return Pipeline(pre, aggregators.build(cls.name, **cls.resolve(_given(cfg, cls), m, fp)), m, fp)
 
 
-# Pre-aggregations after which row i is still worker i's vector (nnm: worker i's mixture).
-ROW_KEEPING = ("none", "nnm")
+# Pre-aggregations after which row i is still worker i's vector (nnm: worker i's mixture;
+# arc, clipping: worker i's vector, scaled).
+ROW_KEEPING = ("none", "nnm", "arc", "clipping")
 
 
 def _check_designated(cfg, designated: int) -> None:
@@ -48,7 +49,7 @@ def _check_designated(cfg, designated: int) -> None:
     name, n, pre = cfg.aggregator.name, cfg.workers.n, cfg.resampling.name
     if pre not in ROW_KEEPING:
         raise ConfigError(f"config key resampling.name: {name} trusts worker aggregator.designated={designated}'s "
-                          f"row, but {pre} mixes workers into new rows; set resampling.name=none (or nnm)")
+                          f"row, but {pre} mixes workers into new rows; set resampling.name to one of {', '.join(ROW_KEEPING)}")
     fa = attacks.real_f(cfg)
     if fa == 0 or designated >= n:  # designated >= n: refused by the rule's `impossible`
         return
@@ -66,7 +67,7 @@ def validate(cfg) -> Pipeline:
     """One-line ConfigError for a pre-aggregation or rule that cannot run on the config's
     workers, or a rule requirement on (m, f') that fails (a warning under allow_unsafe)."""
     r, a = cfg.resampling, cfg.aggregator
-    resampling.check(r.name, r.s, cfg.workers.n, cfg.workers.byzantine)
+    resampling.check(r.name, r.s, cfg.workers.n, cfg.workers.byzantine, tau=r.tau)
     if a.name not in aggregators.RULES:
         raise ConfigError(f"config key aggregator.name: '{a.name}' is not one of {', '.join(aggregators.RULES)}")
     keys = dict.fromkeys(k for name in aggregators.RULES for k in aggregators.PARAMS[name])

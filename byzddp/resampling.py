@@ -22,8 +22,15 @@ Groups are returned as CPU LongTensors.
   nnm               n           f                       nearest-neighbour mixing: each vector
                                                         replaced by the mean of its n-f nearest
                                                         (itself included; Allouah et al. 2023)
+  arc               n           f                       adaptive robust clipping: the k =
+                                                        floor(2 (f/n) (n-f)) largest-norm vectors
+                                                        clipped to the (k+1)-th largest norm
+                                                        (Allouah et al. 2024)
+  clipping          n           f                       static clipping: every vector of norm
+                                                        above tau scaled to norm tau
 
-s = 1 makes s_replacement and bucketing a shuffle. f' is capped at m. An output that averages a
+s = 1 makes s_replacement and bucketing a shuffle; nnm, arc and clipping ignore s, and only
+clipping uses tau (`resampling.tau`). f' is capped at m. An output that averages a
 NaN row is NaN: the rule then sees at most f' such rows and copes (`byzddp.aggregators`).
 """
 from __future__ import annotations
@@ -34,11 +41,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from byzddp import streams
+from byzddp import clipping, streams
 from byzddp.geometry import Columns, columns_of, pairwise_squared_distances, sub_chunks
 from byzddp.errors import ConfigError
 
-NAMES = ("none", "s_replacement", "bucketing", "with_replacement", "fixed_groups", "nnm")
+NAMES = ("none", "s_replacement", "bucketing", "with_replacement", "fixed_groups", "nnm", "arc", "clipping")
+# clipping's default radius: see StaticClipping.
+TAU = 10.0
 
 
 def _average_groups(x: Tensor, index: Tensor, sizes: List[int]) -> Tensor:
@@ -77,6 +86,7 @@ class Resampler:
     """`r(grads, generator) -> (outputs, groups)`; see the module docstring."""
     name = ""
     grouped = True      # averages groups of s inputs (s must not exceed n)
+    spans_columns = False  # needs the column plan: a quantity summed over every column (a norm)
 
     @classmethod
     def check(cls, s: int, n: int, f: int) -> None:
@@ -111,7 +121,7 @@ class Resampler:
         the slices); the groups depend only on the generator, so every rank draws the same."""
         if grads.dim() != 2 or grads.shape[0] < 1:
             raise ValueError(f"resampling {self.name}: expected an (n, d) tensor, got {tuple(grads.shape)}")
-        if self.name == "nnm":
+        if self.spans_columns:
             return self._resample(grads, generator, columns_of(grads, columns))
         return self._resample(grads, generator)
 
@@ -229,6 +239,7 @@ class NearestNeighbourMixing(Resampler):
     as long as at most f rows are bad no output is non-finite. One (n x n) x (n x d) product."""
     name = "nnm"
     grouped = False
+    spans_columns = True
     seen = "after nnm"
     generic_fix = "lower workers.byzantine or raise workers.n"
 
@@ -260,24 +271,98 @@ class NearestNeighbourMixing(Resampler):
         return out, list(nearest.cpu())
 
 
+class _Clipping(Resampler):
+    """A row-wise rescaling: output j is input j, shrunk when its norm is too large. Norms are
+    float64 over the column grid (`byzddp.clipping`); a non-finite row passes through unchanged."""
+    grouped = False
+    spans_columns = True
+    generic_fix = "lower workers.byzantine or raise workers.n"
+
+    @property
+    def seen(self) -> str:
+        return f"after {self.name}"
+
+    def _threshold(self, norms: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _resample(self, x: Tensor, g: torch.Generator, cols: Columns) -> Tuple[Tensor, List[Tensor]]:
+        norms, good = clipping.row_norms(x, cols)
+        out = clipping.clipped(x, norms, good, self._threshold(norms))
+        return out, list(torch.arange(x.shape[0]).view(-1, 1))
+
+
+class AdaptiveRobustClipping(_Clipping):
+    """ARC (Allouah et al. 2024, "Boosting robustness by clipping gradients in distributed
+    learning", arXiv:2405.14432): the k = floor(2 (f/n) (n-f)) rows of largest norm are clipped to
+    the (k+1)-th largest norm, the others unchanged (k = 0 for f = 0: the identity). A row tied
+    with the threshold is unchanged either way. A non-finite row counts as the largest."""
+    name = "arc"
+
+    def _threshold(self, norms: Tensor) -> Tensor:
+        n = norms.numel()
+        if self.f > n:
+            raise ValueError(f"resampling arc: f={self.f} Byzantine among {n} rows")
+        return clipping.arc_threshold(norms, clipping.arc_count(n, self.f))
+
+
+class StaticClipping(_Clipping):
+    """Every row of norm above tau scaled to norm tau (`resampling.tau`). The default tau = 10 lies
+    just above the honest gradients of the default experiment (mlp on MNIST-5k, sorted split,
+    batch 32; measured with its 8 honest workers averaged for 600 steps: norms about 7 at first,
+    3 at the end, at most 10.4), so by default honest vectors pass (nearly) unchanged and an
+    attack is cut to the size of the largest honest gradient; it is also cclip's default radius
+    (aggregator.tau). Other models and losses need their own tau."""
+    name = "clipping"
+
+    def __init__(self, s: int = 2, f: int = 0, seed: int = 0, tau: float = TAU) -> None:
+        super().__init__(s, f, seed)
+        self.tau = tau
+
+    @property
+    def seen(self) -> str:
+        return f"after clipping (tau={self.tau:g})"
+
+    def _threshold(self, norms: Tensor) -> Tensor:
+        return torch.full((), float(self.tau), dtype=torch.float64, device=norms.device)
+
+    def __repr__(self) -> str:
+        return f"clipping(tau={self.tau:g})"
+
+
 _CLASSES = {"none": NoResampling, "s_replacement": SReplacement, "bucketing": Bucketing,
-            "with_replacement": WithReplacement, "fixed_groups": FixedGroups, "nnm": NearestNeighbourMixing}
+            "with_replacement": WithReplacement, "fixed_groups": FixedGroups, "nnm": NearestNeighbourMixing,
+            "arc": AdaptiveRobustClipping, "clipping": StaticClipping}
 
 
-def build(name: str, s: int = 2, f: int = 0, seed: int = 0) -> Resampler:
-    """The pre-aggregation `name`: groups of s (ignored by none and nnm), f Byzantine inputs
-    (used by nnm), seed (used by fixed_groups)."""
+def _tau_problem(tau) -> Optional[str]:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
+        return f"config key resampling.tau: the clipping radius must be a positive finite number, got {tau!r}"
+    return None
+
+
+def build(name: str, s: int = 2, f: int = 0, seed: int = 0, tau: float = TAU) -> Resampler:
+    """The pre-aggregation `name`: groups of s (ignored by none, nnm, arc and clipping), f
+    Byzantine inputs (used by nnm and arc), seed (used by fixed_groups), tau (used by clipping)."""
     if name not in _CLASSES:
         raise ConfigError(f"unknown resampling '{name}'; choose one of {', '.join(NAMES)}")
     for key, value in (("s", s), ("f", f)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "s" else 0):
             raise ConfigError(f"resampling {name}: {key} must be an integer >= {1 if key == 's' else 0}, "
                               f"got {value!r}")
+    if name == "clipping":
+        problem = _tau_problem(tau)
+        if problem:
+            raise ConfigError(problem)
+        return StaticClipping(s=s, f=f, seed=seed, tau=tau)
     return _CLASSES[name](s=s, f=f, seed=seed)
 
 
-def check(name: str, s: int, n: int, f: int) -> None:
-    """One-line ConfigError for a pre-aggregation that cannot run on n workers, f Byzantine."""
+def check(name: str, s: int, n: int, f: int, tau: float = TAU) -> None:
+    """One-line ConfigError for a pre-aggregation that cannot run on n workers, f Byzantine (or a
+    clipping radius tau that is not positive; checked whatever the name, as a bad value)."""
     if name not in _CLASSES:
         raise ConfigError(f"config key resampling.name: '{name}' is not one of {', '.join(NAMES)}")
+    problem = _tau_problem(tau)
+    if problem:
+        raise ConfigError(f"{problem}; give a positive radius such as {TAU:g}")
     _CLASSES[name].check(s, n, f)

@@ -9,9 +9,9 @@ Rank 0 no longer holds every row: each rank holds O(n d / world) of them.
 The slices follow the global column grid of `byzddp.geometry.Columns`: the grid depends on d
 and the device type only, and rank r holds a contiguous run of its chunks. What spans columns
 (the float64 Gram matrix of Krum, Multi-Krum, Bulyan, rfa's Weiszfeld distances, cclip's
-distances to its centre, nnm's neighbours) is a sum of per-chunk partials; the ranks all-gather
-their chunks' partials and add them in chunk order, exactly as gather mode adds the same
-partials. So the model is bit-identical to gather mode's for every rule and pre-aggregation.
+distances to its centre, nnm's neighbours, arc's and clipping's row norms) is a sum of
+per-chunk partials; the ranks all-gather their chunks' partials and add them in chunk order,
+exactly as gather mode adds the same partials. So the model is bit-identical to gather mode's for every rule and pre-aggregation.
 
 The [BatchNorm buffers | loss | stop] tail of every row, small, is all-gathered, so every rank
 derives the same buffers (the first honest worker's), train loss and status that gather mode

@@ -142,7 +142,7 @@ def test_garbage_torchvision_files_are_one_line(capsys, tmp_path):
 # Keys whose negative (and, unless listed in ZERO_OK, zero) values are never valid.
 NOT_NEGATIVE = ["seed", "data.alpha", "data.test_size", "workers.n", "workers.byzantine", "workers.momentum",
                 "aggregator.T", "aggregator.nu", "aggregator.tau", "aggregator.L", "aggregator.m",
-                "aggregator.b", "resampling.s", "attack.count", "attack.sigma", "attack.epsilon",
+                "aggregator.b", "resampling.s", "resampling.tau", "attack.count", "attack.sigma", "attack.epsilon",
                 "attack.warmup", "attack.delay", "attack.gamma_init", "attack.gamma_tol", "train.steps",
                 "train.lr", "train.momentum", "train.weight_decay", "train.lr_decay", "train.batch_size",
                 "train.eval_every", "train.eval_batch_size", "train.check_every", "train.checkpoint_every",

@@ -336,7 +336,7 @@ def load(*overrides):
 
 
 @pytest.mark.parametrize("overrides", [
-    [], ["resampling.name=nnm"], ["attack.name=bitflip", "aggregator.designated=7"],
+    [], ["resampling.name=nnm"], ["resampling.name=arc"], ["resampling.name=clipping"], ["attack.name=bitflip", "aggregator.designated=7"],
     ["attack.name=none", "aggregator.designated=9"], ["attack.name=bitflip", "attack.count=0", "aggregator.designated=9"],
     ["attack.name=gaussian", "attack.rotate=true", "attack.count=0"],
 ])
@@ -346,7 +346,7 @@ def test_monna_accepts_an_honest_designated_worker(overrides):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["resampling.name=s_replacement"], ["resampling.name", "s_replacement", "resampling.name=none"]),
+    (["resampling.name=s_replacement"], ["resampling.name", "s_replacement", "resampling.name to one of none, nnm, arc, clipping"]),
     (["resampling.name=bucketing"], ["resampling.name", "bucketing"]),
     (["attack.name=bitflip", "aggregator.designated=8"], ["aggregator.designated", "worker 8 is Byzantine", "below 8"]),
     (["attack.name=bitflip", "attack.count=3", "aggregator.designated=7"], ["aggregator.designated", "below 7"]),

@@ -32,7 +32,7 @@ Rules (f = rows the rule must tolerate; every rule accepts f):
                        subsets (Allouah et al. 2023); same limit.
   monna (f, designated)  the mean of the m-f rows nearest to the designated (honest) worker's row,
                        itself included (Farhadkhani et al. 2023); needs row i = worker i (no
-                       pre-aggregation, or nnm).
+                       pre-aggregation, nnm, arc or clipping).
   caf (f)              covariance-bound agnostic filter: weights 1, then while their sum > m-2f,
                        c_i *= 1 - tau_i/tau_max with tau_i the squared projection of x_i - mu on
                        the weighted covariance's top eigenvector; the weighted mean mu with the

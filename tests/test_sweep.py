@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from byzddp import config, sweep
+from byzddp import aggregators, attacks, config, sweep
 from byzddp.sweep import runner
 from byzddp.config import ConfigError
 
@@ -196,12 +196,24 @@ def test_paper_configs_expand_and_every_run_validates():
         for run in sw.runs:
             assert run.overrides.get("data.dataset", "mnist5k") == "mnist5k"
     assert set(counts) == {"fig1a", "fig1b", "fig1c", "fig2a", "fig2b", "fig2c", "fig3", "fig5",
-                           "bucketing", "official_mnist5k", "smoke"}
+                           "bucketing", "official_mnist5k", "smoke", "leaderboard"}
     # official_mnist5k: 12 (rule, attack) cells x bucketing s in {0, 2} x 3 seeds.
     assert counts["official_mnist5k"] == 12 * 2 * 3
     # fig3: 4 rules x 6 attacks x 2 resampling x 3 seeds, plus the f = 0 runs (4 x 2 x 3).
     assert counts["fig3"] == 4 * 6 * 2 * 3 + 4 * 2 * 3
     assert counts["bucketing"] == 4 * 2 * 2 * 5 * 3
+    # leaderboard: every rule x 17 attacks x 4 pre-aggregations, less bulyan and monna on
+    # bucketing (they cannot run there), one seed.
+    assert counts["leaderboard"] == len(aggregators.RULES) * 17 * 4 - 2 * 17
+
+
+def test_the_leaderboard_holds_every_rule_and_every_attack_but_the_non_finite_ones():
+    sw = sweep.load_grid(ROOT / "configs/paper/leaderboard.yaml")
+    resolved = [tuple(r.overrides[k] for k in ("aggregator.name", "attack.name", "resampling.name")) for r in sw.runs]
+    assert {rule for rule, _, _ in resolved} == set(aggregators.RULES)
+    assert {attack for _, attack, _ in resolved} == set(attacks.ATTACKS) - {"nan", "inf"}
+    assert {pre for _, _, pre in resolved} == {"none", "bucketing", "nnm", "arc"}
+    assert len(set(resolved)) == len(resolved)
 
 
 def test_rules_run_outside_their_guarantee_on_purpose_are_noted_once_per_run():

@@ -15,6 +15,7 @@ import yaml
 from byzddp import aggregators, attacks, config, sweep
 from byzddp.sweep import runner
 from byzddp.config import ConfigError
+from helpers import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -522,10 +523,55 @@ def test_end_to_end_two_tiny_runs_through_train_py(tmp_path, monkeypatch, capsys
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["status"] for r in rows] == ["done", "done"]
     assert (out / "plots" / "curves.png").is_file()
+    # The runs were forked from the sweep's fork server: the same model as `python train.py`.
+    for run in sw.runs:
+        argv = shlex.split((out / "logs" / f"{run.id}.log").read_text().splitlines()[0][2:])
+        assert argv[:2] == [sys.executable, str(ROOT / "train.py")]
+        alone = [a if not a.startswith("log.dir=") else f"log.dir={tmp_path / 'alone'}" for a in argv[2:]]
+        train(alone)
+        by_hand = json.loads((tmp_path / "alone" / run.id / "summary.json").read_text())
+        forked = json.loads((out / "runs" / run.id / "summary.json").read_text())
+        assert by_hand["model_sha256"] == forked["model_sha256"]
     # Resume: the same command again starts nothing.
     assert sweep.main([str(grid), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "2 runs (2 finished)" in err and "] done " not in err
+
+
+def test_ctrl_c_stops_forked_runs_and_they_resume(tmp_path, monkeypatch):
+    """Forked runs (the default for plain runs) stop on Ctrl-C as subprocesses do: SIGTERM to
+    their session, a checkpoint, no summary; the folder is the run's, to resume from."""
+    import os
+    import signal
+    import threading
+    import time
+    spec = {"name": "stop", "set": {"train.steps": 100000, "train.eval_every": 1000, "workers.n": 4,
+                                    "workers.byzantine": 0, "aggregator.name": "mean",
+                                    "resampling.name": "none", "attack.name": "none",
+                                    "model.hidden": [8], "data.test_size": 100,
+                                    "train.checkpoint_every": 0},
+            "seeds": [0, 1, 2]}
+    sw = sweep.load_grid(write_grid(tmp_path, spec), out=tmp_path / "out")
+    monkeypatch.chdir(ROOT)
+
+    def interrupt_once_running():
+        logs = tmp_path / "out" / "logs"
+        for _ in range(600):     # the first runs are training (their logs say where they are)
+            if len([p for p in logs.glob("*.log") if "byzddp:" in p.read_text()]) == 2:
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(sw, jobs=2, progress=False)
+    assert time.monotonic() - began < 90
+    logs = sorted(p.name for p in (tmp_path / "out" / "logs").glob("*.log"))
+    assert logs == ["seed0.log", "seed1.log"]             # the third never started
+    for run in sw.runs[:2]:
+        assert "resume with train.resume=auto" in (tmp_path / "out" / "logs" / f"{run.id}.log").read_text()
+    assert [sweep.status(sw, r) for r in sw.runs] == ["pending"] * 3
 
 
 # ---------------------------------------------------------------------------- worst case, -m

@@ -5,8 +5,9 @@ config; a folder of another config is moved to <out>/stale/ before the run start
 started run of the same config continues from its checkpoints (train.resume=auto).
 
 Three ways to run the unfinished runs: a local pool of `--jobs` processes (one thread
-each waits on its process; the sweep waits on their futures), each under torchrun
-(`--nproc`), or a run list for a Slurm job array (`--slurm`: line i = run i's arguments).
+each waits on its process; the sweep waits on their futures; plain runs are forked from a
+server that imported torch once, byzddp/sweep/forked.py), each under torchrun (`--nproc`),
+or a run list for a Slurm job array (`--slurm`: line i = run i's arguments).
 Ctrl-C (SIGINT) ends every run this sweep started, with its whole process group
 (SIGTERM, then SIGKILL after 15 s), and starts no other.
 """
@@ -31,6 +32,7 @@ import yaml
 from byzddp import config as config_mod
 from byzddp import io as run_io
 from byzddp.errors import ConfigError
+from byzddp.sweep.forked import ForkedRun
 from byzddp.sweep.grid import Run, Sweep, safe, yaml_scalar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -164,12 +166,18 @@ def run_sweep(sweep: Sweep, jobs: int = 1, nproc: Optional[int] = None,
     from tqdm import tqdm
 
     command = list(command or train_command(nproc))
+    # Plain `python train.py` runs fork from a server that imported torch once
+    # (byzddp/sweep/forked.py); any other command, torchrun's included, is a subprocess.
+    forked = command == [sys.executable, str(REPO_ROOT / "train.py")]
     todo = prepare(sweep)
     total, finished = len(sweep.runs), len(sweep.runs) - len(todo)
     logs = sweep.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     sweep.runs_dir.mkdir(parents=True, exist_ok=True)
     env = _run_env()
+    if forked:      # the fork server inherits this environment when it starts
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONUNBUFFERED"):
+            os.environ.setdefault(key, env[key])
     live: Dict[str, subprocess.Popen] = {}       # run id -> its process, while it runs
     lock = threading.Lock()                     # guards `live` and the start of a process
     stopping = threading.Event()                # set on Ctrl-C: no run starts after it
@@ -177,17 +185,21 @@ def run_sweep(sweep: Sweep, jobs: int = 1, nproc: Optional[int] = None,
     def launch(run: Run) -> Tuple[Optional[int], float]:
         """In a pool thread: start one run, wait for it; (exit status or None if never
         started, seconds it took)."""
-        argv = command + train_args(sweep, run, wandb)
+        args = train_args(sweep, run, wandb)
+        argv = command + args
         began_run = time.monotonic()
         with lock:
             if stopping.is_set():
                 return None, 0.0
             log = open(logs / f"{run.id}.log", "w")
-            log.write("$ " + shlex.join(argv) + "\n")
+            log.write("$ " + shlex.join(argv) + "\n")   # forked: the command it stands for
             log.flush()
-            proc = live[run.id] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL, env=env,
-                                                   start_new_session=True)
+            if forked:
+                proc = live[run.id] = ForkedRun(args, str(logs / f"{run.id}.log"))
+            else:
+                proc = live[run.id] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                       stdin=subprocess.DEVNULL, env=env,
+                                                       start_new_session=True)
         try:
             return proc.wait(), time.monotonic() - began_run
         finally:

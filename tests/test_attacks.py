@@ -1,11 +1,8 @@
 """Byzantine attacks over real process groups: every forged vector against its formula computed
 here in float64 from the honest vectors, bit-identical results on 1, 2 and 4 ranks, every
 attack changing training, resume, the Byzantine set, and the config checks."""
-import json
 import math
 import statistics
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -14,7 +11,7 @@ import torch.nn.functional as F
 
 from byzddp import attacks, config, data, models, streams
 from byzddp.config import ConfigError
-from helpers import ROOT, TINY, env, free_port, summary
+from helpers import TINY, probe_ranks, summary
 
 N, F_DECLARED, STEPS = 10, 2, 3
 COMMON = [f"workers.n={N}", f"workers.byzantine={F_DECLARED}", "model.hidden=[8]", "train.batch_size=8",
@@ -68,27 +65,7 @@ def _run_probe(tmp_path, nproc):
             return attack_probe.run(SPEC, tmp_path)["results"]
         finally:
             torch.set_num_threads(threads)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(SPEC))
-    out = tmp_path / f"probe{nproc}.pt"
-    cmd = [sys.executable, str(ROOT / "tests" / "attack_probe.py"), str(out), str(spec)]
-    # The ranks are started as torchrun starts them (its environment variables), without the
-    # launcher process: one import of torch less per launch on a busy machine.
-    port = free_port()
-    ranks = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for r in range(nproc)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env(), **extra}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for extra in ranks]
-    try:
-        errors = [p.communicate(timeout=600)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
-    got = torch.load(out, weights_only=True)
-    assert got["world"] == nproc
-    return got["results"]
+    return probe_ranks(SPEC, tmp_path / f"probe{nproc}.pt", nproc)
 
 
 @pytest.fixture(scope="module")

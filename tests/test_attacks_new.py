@@ -2,11 +2,8 @@
 written here (a dense grid of scales for the optimal attacks, Krum by hand for fang, the ROP
 formula written out), in training on one rank (each changes the model), bit-identical rows and
 models on one and two ranks, and the config checks."""
-import json
 import math
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from byzddp.attacks.fang import krum_lambda_bound
 from byzddp.config import ConfigError
 from byzddp.distributed import Topology
 from byzddp.exchange import Exchange
-from helpers import ROOT, env, free_port
+from helpers import probe_ranks
 
 N, F, D = 10, 2, 40
 BYZ = [8, 9]
@@ -328,25 +325,7 @@ def _probe_one_rank(tmp_path):
 
 
 def _probe_two_ranks(tmp_path):
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(SPEC))
-    out = tmp_path / "probe2.pt"
-    cmd = [sys.executable, str(ROOT / "tests" / "attack_probe.py"), str(out), str(spec)]
-    port = free_port()
-    ranks = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for r in range(2)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env(), **extra}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for extra in ranks]
-    try:
-        errors = [p.communicate(timeout=600)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
-    got = torch.load(out, weights_only=True)
-    assert got["world"] == 2
-    return got["results"]
+    return probe_ranks(SPEC, tmp_path / "probe2.pt", 2)
 
 
 @pytest.fixture(scope="module")

@@ -34,20 +34,24 @@ def finite_rows(x):
     return [i for i in range(x.shape[0]) if bool(torch.isfinite(x[i]).all())]
 
 
-def ref_dnc(x, f, niters=5, b=10000, c=1.0, seed=0, step=0):
+def ref_dnc(x, f, niters=5, b=10000, c=1.0, seed=0, step=0, with_times=False):
     """(output, kept rows): per subset, the centred good rows' squared projections on the top
     right-singular vector (torch.linalg.svd), the m - floor(c f) lowest kept (ties: lowest index)."""
     n, d = x.shape
     good = finite_rows(x)
     keep = n - math.floor(c * f)
-    chosen = set(good)
+    times = {i: 0 for i in good}
     for idx in draw(seed, step, d, b, niters):
         sub = x[good][:, idx].double()
         centred = sub - sub.mean(dim=0)
         v = torch.linalg.svd(centred, full_matrices=False).Vh[0]
         score = {i: float(s) for i, s in zip(good, (centred @ v) ** 2)}
-        chosen &= set(sorted(good, key=lambda i: (score[i], i))[:keep])
-    kept = sorted(chosen)
+        for i in sorted(good, key=lambda i: (score[i], i))[:keep]:
+            times[i] += 1
+    # the rows kept every time; if none, those kept most often
+    kept = sorted(i for i in good if times[i] == max(times.values()))
+    if with_times:
+        return x[kept].double().mean(dim=0), kept, times
     return x[kept].double().mean(dim=0), kept
 
 
@@ -283,13 +287,16 @@ def test_no_finite_row_or_no_selection_raises_non_finite_error():
         A.build("fltrust", f=1)(torch.ones(6, 20))
 
 
-def test_dnc_with_an_empty_intersection_raises_rather_than_average_nothing():
-    # keep m - c f = 1 row per iteration: different subsets pick different rows -> nothing left.
+def test_dnc_with_an_empty_intersection_averages_the_rows_kept_most_often():
+    # keep m - c f = 1 row per iteration: different subsets pick different rows, so no row is
+    # kept every time; the output is the mean of the rows kept in the most iterations.
     x = torch.randn(4, 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rule = A.build("dnc", f=1, c=3.0, b=5, niters=10)
-    with pytest.raises(A.NonFiniteError, match="dnc"):
-        rule(x, generator=streams.generator("aggregator", 0, 0))
-    assert rule.selected.tolist() == []
+    out = rule(x, generator=streams.generator("aggregator", 0, 0))
+    want, kept, times = ref_dnc(x, 1, niters=10, b=5, c=3.0, with_times=True)
+    assert max(times.values()) < 10            # the paper's intersection is empty here
+    assert kept and rule.selected.tolist() == kept
+    torch.testing.assert_close(out, want)
 
 
 # ---------------------------------------------------------------------------- (seed, step) and slices

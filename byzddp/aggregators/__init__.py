@@ -39,8 +39,8 @@ Rules (f = rows the rule must tolerate; every rule accepts f):
                        smallest top eigenvalue seen (Allouah, Guerraoui and Stephan 2025).
   dnc (niters, b, c)   divide-and-conquer: niters times, on b random coordinates, score each row by
                        its squared projection on the top singular direction of the centred rows,
-                       keep the m - floor(c f) lowest; the mean of the rows kept every time
-                       (Shejwalkar & Houmansadr 2021).
+                       keep the m - floor(c f) lowest; the mean of the rows kept every time (if
+                       none was, of those kept most often) (Shejwalkar & Houmansadr 2021).
   signguard (norm_low, norm_high, sign_fraction)
                        rows with norm in [norm_low, norm_high] x the median norm, intersected with
                        the largest mean-shift cluster of sign statistics (fractions of positive,

@@ -83,8 +83,9 @@ class DivideAndConquer(Aggregator):
     top eigenpair (lambda_1, u) of the centred m x m Gram matrix X_c X_c^T, a sum over column chunks.
 
     Non-finite rows are left out of the mean that centres the others and are never kept (so at
-    most min(m - floor(c f), finite rows) are kept per iteration). An empty intersection gives no
-    mean: the aggregate is NaN and `rule(grads)` raises NonFiniteError.
+    most min(m - floor(c f), finite rows) are kept per iteration). When the intersection is empty
+    (few rows, many iterations), the output is the mean of the rows kept in the most iterations;
+    with no finite row it is NaN and `rule(grads)` raises NonFiniteError.
     """
     name = "dnc"
     params = ("niters", "b", "c")
@@ -133,11 +134,14 @@ class DivideAndConquer(Aggregator):
             partials.append(torch.cat(pieces))
         grams = cols.total(partials, torch.zeros(self.niters * n * n, dtype=torch.float64, device=dev))
         keep = max(n - math.floor(self.c * self.f), 1)
-        chosen = good.clone()
+        kept = torch.zeros(n, dtype=torch.long, device=dev)    # iterations that kept each row
         for gram in grams.view(self.niters, n, n):
             evals, evecs = torch.linalg.eigh(gram)
             score = evals[-1] * evecs[:, -1] ** 2
-            chosen &= kept_lowest(score, good, keep)
+            kept += kept_lowest(score, good, keep).long()
+        # The rows kept every time (the paper's intersection); when no row was, the rows kept
+        # most often, so that few vectors (after bucketing) do not stop the run for nothing.
+        chosen = good & (kept == kept.max()) & (kept > 0)
         self.selected = torch.nonzero(chosen).flatten()
         w = chosen.to(torch.float64) / chosen.sum()   # no row kept: 0/0, a NaN aggregate
         return weighted_sum(w, x, good, cols)

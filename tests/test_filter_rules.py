@@ -94,7 +94,7 @@ def ref_signguard(x, low=0.1, high=3.0, fraction=0.1, seed=0, step=0):
     feats = [tuple(sum(1 for j in idx if test(rows[i][j])) / k
                    for test in (lambda v: v > 0, lambda v: v == 0, lambda v: v < 0)) for i in good]
     by_sign = {good[t] for t in ref_largest_cluster(feats)}
-    S = sorted(by_norm & by_sign)
+    S = sorted(by_norm & by_sign) or sorted(by_norm)    # disjoint sets: the norm filter's rows
     out = [math.fsum(rows[i][j] * min(1.0, M / norm[i]) for i in S) / len(S) for j in range(d)]
     return torch.tensor(out, dtype=torch.float64), S
 
@@ -297,6 +297,22 @@ def test_dnc_with_an_empty_intersection_averages_the_rows_kept_most_often():
     assert max(times.values()) < 10            # the paper's intersection is empty here
     assert kept and rule.selected.tolist() == kept
     torch.testing.assert_close(out, want)
+
+
+def test_signguard_averages_the_norm_filters_rows_when_the_sign_cluster_misses_them():
+    # Five rows as after bucketing: the largest sign cluster is two rows of huge norm, outside
+    # [0.1, 3] x the median norm; the intersection is empty, so the norm filter's rows count.
+    d = 200
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, d, generator=g, dtype=torch.float64)
+    x[3] = x[4] = 100.0 * torch.ones(d, dtype=torch.float64)
+    x[4, 0] = 101.0
+    want, S = ref_signguard(x, fraction=1.0)
+    norm = x.norm(dim=1)
+    assert S == [i for i in range(5) if 0.1 * norm.median() <= norm[i] <= 3 * norm.median()] == [0, 1, 2]
+    rule = A.build("signguard", f=1, sign_fraction=1.0)
+    torch.testing.assert_close(rule(x, generator=streams.generator("aggregator", 0, 0)), want)
+    assert rule.selected.tolist() == S
 
 
 # ---------------------------------------------------------------------------- (seed, step) and slices

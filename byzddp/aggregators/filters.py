@@ -196,8 +196,9 @@ class SignGuard(Aggregator):
     the paper's MeanShift), the largest cluster. The output is the mean of the rows in both sets,
     each clipped to norm M: (1/|S|) sum_{i in S} g_i min(1, M/||g_i||).
 
-    Non-finite rows are in neither set and do not count in M. An empty selection gives a NaN
-    aggregate (NonFiniteError from `rule(grads)`).
+    Non-finite rows are in neither set and do not count in M. When the two sets do not meet
+    (few rows), the norm filter's rows are averaged; no finite row gives a NaN aggregate
+    (NonFiniteError from `rule(grads)`).
     """
     name = "signguard"
     params = ("norm_low", "norm_high", "sign_fraction")
@@ -246,6 +247,9 @@ class SignGuard(Aggregator):
         by_sign = torch.zeros(n, dtype=torch.bool)
         by_sign[good_cpu] = mean_shift_largest_cluster(features[good_cpu])
         chosen = by_norm & by_sign.to(dev)
+        # Few rows (after bucketing) can leave the two sets disjoint: then the norm filter's rows
+        # (never empty while a row is finite: the median row passes), rather than stop the run.
+        chosen = torch.where(chosen.any(), chosen, by_norm)
         self.selected = torch.nonzero(chosen).flatten()
         clip = (median / norms).clamp(max=1.0)     # a zero row: inf -> 1
         w = torch.where(chosen, clip, torch.zeros_like(clip)) / chosen.sum()   # none: 0/0 = NaN

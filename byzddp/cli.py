@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import warnings
@@ -122,3 +123,18 @@ def _main(argv) -> int:
             print(f"error: rank {_rank()}: {e}", file=sys.stderr)
             return 1
         raise
+
+
+def command_line() -> None:
+    """The command line (train.py, the byzddp-train script, python -m byzddp.cli): main, then
+    exit without the interpreter's teardown. Every output is written and the process group is
+    left by then; skipping finalization keeps gloo's worker threads, still holding tensors, from
+    aborting a run that succeeded (SIGABRT while Python tears down, timing-dependent and rare)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if code is None else int(code))   # None: --help, as sys.exit(None)
+
+
+if __name__ == "__main__":
+    command_line()

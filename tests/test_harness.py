@@ -171,3 +171,15 @@ def test_batchnorm_buffers_come_from_the_first_honest_worker(monkeypatch):
     trainer.train_step()
     for (name, got), (_, want) in zip(trainer.model.named_buffers(), alone.named_buffers()):
         assert torch.equal(got, want), name
+
+
+def test_python_m_byzddp_cli_is_train_py(tmp_path):
+    """`python -m byzddp.cli` (the sweep's entry without train.py, and the byzddp-train script's
+    function) trains and exits as train.py does: the same model, status 0."""
+    import subprocess
+    args = [*TINY, f"log.dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-m", "byzddp.cli", *args, "log.name=m"], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train([*args, "log.name=t"])
+    assert summary(tmp_path / "m")["model_sha256"] == summary(tmp_path / "t")["model_sha256"]

@@ -455,6 +455,17 @@ def test_rotating_set_is_keyed_by_seed_and_step():
     (["attack.name=minmax", "attack.gamma_init=0"], "attack.gamma_init"),
     (["attack.name=minmax", "attack.gamma_tol=20"], "attack.gamma_tol"),
     (["attack.name=fang", "attack.target=krum"], "attack.target"),
+    (["attack.name=fang", "attack.target=krum", "aggregator.name=cm"], "attack.target"),
+    (["attack.name=fang", "attack.target=trimmed"], "attack.target"),
+    (["attack.name=optimal_alie", "attack.search_max=0"], "attack.search_max"),
+    (["attack.name=optimal_ipm", "attack.search_max=.inf"], "attack.search_max"),
+    (["attack.name=optimal_ipm", "attack.search_evals=2"], "attack.search_evals"),
+    (["attack.name=optimal_alie", "workers.n=3", "workers.byzantine=1", "attack.count=2"], "attack.count"),
+    (["attack.name=rop", "attack.pi=1.5"], "attack.pi"),
+    (["attack.name=rop", "attack.lamb=-0.1"], "attack.lamb"),
+    (["attack.name=rop", "attack.angle=.nan"], "attack.angle"),
+    (["attack.name=rop", "attack.z=.inf"], "attack.z"),
+    (["attack.name=rop", "workers.n=6", "workers.byzantine=1", "attack.count=4"], "attack.z"),
 ])
 def test_bad_attack_settings_name_the_key_in_one_line(overrides, key):
     with pytest.raises(ConfigError) as e:

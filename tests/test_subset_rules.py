@@ -15,6 +15,7 @@ from byzddp import config, pipeline
 from byzddp.aggregators import subsets
 from byzddp.config import ConfigError
 from helpers import TINY
+from test_aggregators import make_cfg
 
 
 # ---------------------------------------------------------------------------- definitions
@@ -296,14 +297,6 @@ def test_column_slices_give_the_whole_result(monkeypatch):
 
 # ---------------------------------------------------------------------------- validation
 
-def make_cfg(rule, resampling="none", s=2, n=10, f=2, **agg):
-    cfg = config.Config()
-    cfg.workers.n, cfg.workers.byzantine = n, f
-    cfg.resampling.name, cfg.resampling.s = resampling, s
-    cfg.aggregator.name = rule
-    for key, value in agg.items():
-        setattr(cfg.aggregator, key, value)
-    return cfg
 
 
 @pytest.mark.parametrize("name", ["mda", "smea", "monna", "caf"])

@@ -73,9 +73,19 @@ def median_of_good(values: Tensor, good: Tensor) -> Tensor:
     return torch.where(k > 0, med, torch.full_like(med, math.nan))
 
 
+class Drawing(Aggregator):
+    """A rule that draws coordinates each call from the caller's generator (`draws`)."""
+    draws = True
+
+    def aggregate(self, grads: Tensor, columns: Optional[Columns] = None,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+        self._generator = generator if generator is not None else default_generator()
+        return super().aggregate(grads, columns)
+
+
 # ---------------------------------------------------------------------------- dnc
 
-class DivideAndConquer(Aggregator):
+class DivideAndConquer(Drawing):
     """Divide-and-conquer (Shejwalkar & Houmansadr, NDSS 2021, Algorithm 2). niters times: draw b
     coordinates, centre the rows' subsampled vectors on their mean, score each row by its squared
     projection on the top right-singular vector, keep the m - floor(c f) lowest scores; the output
@@ -89,7 +99,6 @@ class DivideAndConquer(Aggregator):
     """
     name = "dnc"
     params = ("niters", "b", "c")
-    draws = True
 
     def __init__(self, f: int = 0, niters: int = 5, b: int = 10000, c: float = 1.0) -> None:
         super().__init__(f)
@@ -108,10 +117,6 @@ class DivideAndConquer(Aggregator):
             return ("aggregator.b", "dnc subsamples b >= 1 coordinates per iteration; raise aggregator.b")
         return None
 
-    def aggregate(self, grads: Tensor, columns: Optional[Columns] = None,
-                  generator: Optional[torch.Generator] = None) -> Tensor:
-        self._generator = generator if generator is not None else default_generator()
-        return super().aggregate(grads, columns)
 
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n, dev = x.shape[0], x.device
@@ -188,7 +193,7 @@ def mean_shift_largest_cluster(points: Tensor, quantile: float = 0.5, max_iter: 
     return label == int(torch.argmax(sizes))   # argmax: the first of the largest
 
 
-class SignGuard(Aggregator):
+class SignGuard(Drawing):
     """SignGuard (Xu et al., ICDCS 2022, Algorithm 1). Norm filter: the rows whose norm lies in
     [L M, R M], M the median norm (L = norm_low, R = norm_high). Sign filter: on a random
     sign_fraction of the coordinates, each row's fractions of positive, zero and negative entries,
@@ -202,7 +207,6 @@ class SignGuard(Aggregator):
     """
     name = "signguard"
     params = ("norm_low", "norm_high", "sign_fraction")
-    draws = True
 
     def __init__(self, f: int = 0, norm_low: float = 0.1, norm_high: float = 3.0,
                  sign_fraction: float = 0.1) -> None:
@@ -221,10 +225,6 @@ class SignGuard(Aggregator):
                                            f"median, but {low:g} > {high:g}; lower aggregator.norm_low")
         return None
 
-    def aggregate(self, grads: Tensor, columns: Optional[Columns] = None,
-                  generator: Optional[torch.Generator] = None) -> Tensor:
-        self._generator = generator if generator is not None else default_generator()
-        return super().aggregate(grads, columns)
 
     def _aggregate(self, x: Tensor, cols: Columns) -> Tensor:
         n, dev = x.shape[0], x.device

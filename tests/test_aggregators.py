@@ -282,6 +282,20 @@ def test_ties_go_to_the_lowest_index():
     assert sorted(bulyan.selected.tolist()) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("n", [1, 25, 64, 130, 200])
+def test_the_gram_matrix_in_pieces_and_panels_is_symmetric_and_matches_one_matmul(n):
+    # The CPU converts a chunk in pieces of columns and, from 64 rows, computes the upper
+    # triangle in row panels, then mirrors it (from 64 rows 5,000 columns are several pieces).
+    x = torch.randn(n, 5000, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    c = torch.randn(5000, generator=torch.Generator().manual_seed(1000 + n), dtype=torch.float64)
+    got, good, xc, cc = geometry.gram_matrix(x, centre=c, columns=geometry.Columns(5000, 5000))
+    assert good.all() and torch.equal(got, got.T)
+    # Against single matmuls of the whole tensor (a different summation order).
+    torch.testing.assert_close(got, x @ x.T, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(xc, x @ c, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(cc, c @ c, rtol=1e-12, atol=0)
+
+
 def test_krum_distances_are_accurate_where_the_matmul_shortcut_is_not():
     # 40 rows (cdist switches to its matrix-multiply form above 25) with a large common offset.
     g = torch.Generator().manual_seed(0)

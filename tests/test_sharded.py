@@ -176,3 +176,22 @@ def test_the_float64_cross_slice_quantities_are_bit_for_bit_the_whole_ones():
     for world in (2, 4):
         for got in on_slices(x, world, run):
             assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+
+
+@pytest.mark.parametrize("n", [70, 200])  # the CPU's Gram panels: 2 and 4 of them
+@pytest.mark.parametrize("name, params", [("krum", {}), ("rfa", {"T": 3}), ("cclip", {"tau": 0.5, "L": 2})])
+def test_gram_panels_keep_every_slice_bit_for_bit(name, params, n):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(n, 50, generator=g) * torch.rand(n, 1, generator=g) * 3).float()
+    x[n // 2] = math.nan
+
+    def run(rows, cols, whole_of):
+        rule = A.build(name, f=n // 5, **params)
+        update = whole_of(rule.aggregate(rows, cols))
+        return update, rule.selected
+
+    want, want_sel = run(x, Columns(50, WIDTH), lambda t: t)
+    for world in (2, 4):
+        for got, got_sel in on_slices(x, world, run):
+            assert torch.equal(bits(got), bits(want)), (world, name, n)
+            assert (got_sel is None) == (want_sel is None) and (got_sel is None or torch.equal(got_sel, want_sel))

@@ -96,8 +96,8 @@ def chunk_gram(x: Tensor, chunk: slice, centre: Optional[Tensor] = None) -> Tens
     the last bit). On the CPU the chunk is converted to float64 in pieces of about 2 MiB that are
     multiplied while they are in cache, and from 64 rows the upper triangle comes in row panels
     that skip most of the lower one: together 2.4x (n = 25) and 2.0x (n = 128) faster than
-    converting the whole chunk and one matmul (one thread). Pieces and panels depend on n and the device type only,
-    so a slice of the columns still gives the whole call's bits."""
+    converting the whole chunk and one matmul (one thread). Pieces and panels depend on n and the
+    device type only, so a slice of the columns still gives the whole call's bits."""
     n = x.shape[0]
     on_cpu = x.device.type == "cpu"
     panels = 1 if not on_cpu or n < 64 else (2 if n < 192 else 4)

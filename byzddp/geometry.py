@@ -88,6 +88,18 @@ def columns_of(x: Tensor, columns: Optional[Columns]) -> Columns:
     return columns
 
 
+def cache_width(rows: int, element_size: int, budget: int = 1 << 20) -> int:
+    """Columns (a multiple of 1024) whose `rows` entries of `element_size` bytes fill about
+    `budget` bytes: a piece that stays in cache."""
+    return max(1, budget // (max(rows, 1) * element_size * 1024)) * 1024
+
+
+def pieces(chunk: slice, width: int) -> Iterator[slice]:
+    """`chunk` cut into consecutive slices of `width` columns, the last one shorter."""
+    for start in range(chunk.start, chunk.stop, max(width, 1)):
+        yield slice(start, min(start + width, chunk.stop))
+
+
 def chunk_gram(x: Tensor, chunk: slice, centre: Optional[Tensor] = None) -> Tensor:
     """One chunk's partial for `gram_matrix`: x[:, chunk] x[:, chunk]^T in float64, flattened,
     then (with a centre) x[:, chunk] c[chunk] and ||c[chunk]||^2.
@@ -102,13 +114,12 @@ def chunk_gram(x: Tensor, chunk: slice, centre: Optional[Tensor] = None) -> Tens
     on_cpu = x.device.type == "cpu"
     panels = 1 if not on_cpu or n < 64 else (2 if n < 192 else 4)
     height = -(-n // panels)
-    piece = max(1, (1 << 21) // (max(n, 1) * 8 * 1024)) * 1024 if on_cpu else chunk.stop - chunk.start
+    width = cache_width(n, 8, 1 << 21) if on_cpu else chunk.stop - chunk.start
     g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     if centre is not None:
         xc = torch.zeros(n, dtype=torch.float64, device=x.device)
         cc = torch.zeros(1, dtype=torch.float64, device=x.device)
-    for start in range(chunk.start, chunk.stop, max(piece, 1)):
-        s = slice(start, min(start + piece, chunk.stop))
+    for s in pieces(chunk, width):
         part = x[:, s].to(torch.float64).contiguous()
         for top in range(0, n, height):
             g[top:top + height, top:].addmm_(part[top:top + height], part[top:].T)
@@ -166,10 +177,9 @@ def sub_chunks(cols: Columns, rows: int, element_size: int) -> Iterator[slice]:
     """The held grid chunks cut into pieces of about 1 MiB for `rows` rows (a multiple of 1024
     columns), the same pieces on a slice as on the whole: for products whose zeroed copy of the
     data should stay in cache."""
-    width = max(1, (1 << 20) // (max(rows, 1) * element_size * 1024)) * 1024
+    width = cache_width(rows, element_size)
     for chunk in cols.chunks():
-        for start in range(chunk.start, chunk.stop, width):
-            yield slice(start, min(start + width, chunk.stop))
+        yield from pieces(chunk, width)
 
 
 def weighted_sum(w: Tensor, x: Tensor, good: Tensor, cols: Columns) -> Tensor:

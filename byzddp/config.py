@@ -15,16 +15,20 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
+from byzddp import plugins
 from byzddp.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist5k"        # mnist5k | mnist | cifar10
+    dataset: str = "mnist5k"        # mnist5k | mnist | fashionmnist | emnist | cifar10 | cifar100 | svhn
+                                    # | package.module:loader (docs/extending.md)
+    args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in loader (besides root)
+    classes: Optional[int] = None   # plug-in loader: number of classes (default: inferred from the labels)
     partition: str = "sorted"       # iid | sorted | dirichlet | two_groups
     alpha: float = 1.0              # dirichlet concentration
     root: str = "data"              # where torchvision datasets live
@@ -37,8 +41,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"               # mlp | cnn (the official code's) | cnn_relu | resnet20
+    name: str = "mlp"               # mlp | cnn (the official code's) | cnn_relu | resnet20 | resnet18
+                                    # | package.module:factory (docs/extending.md)
     hidden: List[int] = field(default_factory=lambda: [200])  # mlp hidden sizes
+    args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in factory
 
 
 @dataclass
@@ -54,6 +60,8 @@ class WorkersConfig:
 class AggregatorConfig:
     name: str = "cm"                # mean | krum | multikrum | cm | trimmed_mean | rfa | cclip | bulyan | meamed
                                     # | dnc | signguard | fltrust | mda | smea | monna | caf
+                                    # | package.module:rule (docs/extending.md)
+    args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in rule class
     m: Optional[int] = None         # multikrum: how many best-scored to average (default n - f)
     b: Optional[int] = None         # trimmed_mean: trimmed per side (default f'); dnc: coordinates
                                     # subsampled per iteration (default 10000, capped at d)
@@ -82,6 +90,8 @@ class ResamplingConfig:
 class AttackConfig:
     name: str = "none"              # none | bitflip | labelflip | gaussian | nm | mimic | mimic2 | alie | ipm | ...
                                     # (all: byzddp.attacks.ATTACKS; README "Attacks")
+                                    # | package.module:Attack (docs/extending.md)
+    args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in attack class
     count: Optional[int] = None     # real number of attackers (default: workers.byzantine)
     rotate: bool = False            # draw a new Byzantine set every step
     sigma: float = 200.0            # gaussian
@@ -194,6 +204,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key)
+    if origin in (dict, Dict):   # a plug-in's keywords: a mapping with string keys, values as YAML gave them
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key {key}: expected a mapping of keyword: value, got {value!r}")
+        return dict(value)
     if origin in (list, List):
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -350,16 +364,20 @@ def run_name(cfg: Config) -> str:
         return cfg.log.name
     r = cfg.resampling
     resampling = "none" if r.name == "none" else f"{r.name}{r.s}"
-    return (f"{cfg.data.dataset}-{cfg.data.partition}-{cfg.model.name}-n{cfg.workers.n}"
-            f"f{cfg.workers.byzantine}-{cfg.aggregator.name}-{resampling}-{cfg.attack.name}"
+    # A plug-in's import path is part of the name, its ':' written as '.' (W&B, shells, Windows).
+    dataset, model, rule, attack = (name.replace(":", ".") for name in (
+        cfg.data.dataset, cfg.model.name, cfg.aggregator.name, cfg.attack.name))
+    return (f"{dataset}-{cfg.data.partition}-{model}-n{cfg.workers.n}"
+            f"f{cfg.workers.byzantine}-{rule}-{resampling}-{attack}"
             f"-s{cfg.seed}-{config_hash(cfg)}")
 
 
 # ---------------------------------------------------------------------------- validation
 
-DATASETS = ("mnist5k", "mnist", "cifar10")
+DATASETS = ("mnist5k", "mnist", "fashionmnist", "emnist", "cifar10", "cifar100", "svhn")
+GRAYSCALE = ("mnist5k", "mnist", "fashionmnist", "emnist")   # 1x28x28 images
 PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups")
-MODELS = ("mlp", "cnn", "cnn_relu", "resnet20")
+MODELS = ("mlp", "cnn", "cnn_relu", "resnet20", "resnet18")
 
 
 def _choice(key: str, value: str, allowed) -> None:
@@ -384,9 +402,13 @@ def _name(key: str, value: Optional[str]) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no data and no process group."""
-    _choice("data.dataset", cfg.data.dataset, DATASETS)
+    if not plugins.is_path(cfg.data.dataset):
+        _choice("data.dataset", cfg.data.dataset, DATASETS)
     _choice("data.partition", cfg.data.partition, PARTITIONS)
-    _choice("model.name", cfg.model.name, MODELS)
+    if not plugins.is_path(cfg.model.name):
+        _choice("model.name", cfg.model.name, MODELS)
+    if cfg.data.classes is not None:
+        _positive("data.classes", cfg.data.classes)
     _choice("log.wandb", cfg.log.wandb, ("off", "offline", "online"))
     _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "cosine", "step"))
     _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
@@ -433,11 +455,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key data.test_size: data.split=official fixes the test set (the last "
                           f"1,000 digits); leave data.test_size at 1000")
     _name("log.name", cfg.log.name)
-    if cfg.model.name == "resnet20" and cfg.data.dataset != "cifar10":
-        raise ConfigError("config key model.name: resnet20 is for cifar10; set data.dataset=cifar10 "
-                          "or model.name=mlp|cnn")
-    # Rule, pre-aggregation and attack checks live beside their code.
-    from byzddp import attacks, pipeline
+    if cfg.model.name in ("resnet20", "resnet18") and cfg.data.dataset in GRAYSCALE:
+        raise ConfigError(f"config key model.name: {cfg.model.name} is for colour images (cifar10, cifar100, "
+                          f"svhn); set data.dataset to one of them or model.name=mlp|cnn")
+    # Model, data, rule, pre-aggregation and attack checks live beside their code (plug-ins are
+    # imported there, so that a bad import path fails here, before anything starts).
+    from byzddp import attacks, data, models, pipeline
+    models.validate(cfg)
+    data.validate(cfg)
     pipeline.validate(cfg)
     attacks.validate(cfg)
     # Checks data.py and checkpoint.py repeat at run time, made here before anything starts.

@@ -14,7 +14,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from byzddp import streams
+from byzddp import plugins, streams
 from byzddp.errors import ConfigError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -40,6 +40,8 @@ class Dataset:
 
 def load(cfg) -> Dataset:
     name = cfg.data.dataset
+    if plugins.is_path(name):
+        return load_plug_in(cfg)
     if name == "mnist5k":
         return load_mnist5k(cfg.data.test_size, cfg.data.split)
     if name == "mnist":
@@ -47,6 +49,84 @@ def load(cfg) -> Dataset:
     if name == "cifar10":
         return load_cifar10(cfg.data.root, cfg.data.download)
     raise ConfigError(f"config key data.dataset: unknown dataset '{name}'")
+
+
+def validate(cfg) -> None:
+    """A plug-in loader must import and be callable; built-in datasets take no data.args."""
+    if plugins.is_path(cfg.data.dataset):
+        _plug_in_loader(cfg)
+    elif cfg.data.args:
+        raise ConfigError(f"config key data.args: only a plug-in dataset (data.dataset=package.module:loader) "
+                          f"takes keywords; {cfg.data.dataset} is built in (remove data.args)")
+    elif cfg.data.classes is not None:
+        raise ConfigError(f"config key data.classes: only a plug-in dataset takes it; "
+                          f"{cfg.data.dataset} knows its classes (remove data.classes)")
+
+
+def _plug_in_loader(cfg):
+    loader = plugins.load("data.dataset", cfg.data.dataset)
+    if not callable(loader):
+        raise plugins.kind_error("data.dataset", cfg.data.dataset, "a callable returning (train, test)", loader)
+    return loader
+
+
+def load_plug_in(cfg) -> Dataset:
+    """loader(root=data.root, **data.args) -> (train, test), each a pair of tensors (x, y) or a
+    torch Dataset of (x, y) items; held in memory like the built-in datasets. Classes: data.classes,
+    else the loader's train set's `classes` attribute (torchvision's), else max label + 1."""
+    name = cfg.data.dataset
+    try:
+        splits = _plug_in_loader(cfg)(root=cfg.data.root, **cfg.data.args)
+    except TypeError as e:
+        raise ConfigError(f"config key data.dataset: calling '{name}' failed ({e}); it is called with "
+                          f"root and data.args") from None
+    if not isinstance(splits, (tuple, list)) or len(splits) != 2:
+        raise plugins.kind_error("data.dataset", name, "a loader of (train, test) (it returned that)", splits)
+    (tx, ty), (vx, vy) = (_as_tensors(name, part, split) for part, split in zip(splits, ("train", "test")))
+    if tx.shape[1:] != vx.shape[1:]:
+        raise ConfigError(f"config key data.dataset: '{name}' gave train examples of shape {tuple(tx.shape[1:])} "
+                          f"but test examples of shape {tuple(vx.shape[1:])}; give both the same shape")
+    classes = cfg.data.classes or len(getattr(splits[0], "classes", ()) or ()) or int(max(ty.max(), vy.max())) + 1
+    for labels, split in ((ty, "train"), (vy, "test")):
+        if labels.min() < 0 or labels.max() >= classes:
+            raise ConfigError(f"config key data.classes: '{name}' has {split} labels in "
+                              f"[{int(labels.min())}, {int(labels.max())}], outside 0..{classes - 1}; "
+                              f"raise data.classes or relabel")
+    return Dataset(tx, ty, vx, vy, classes)
+
+
+def _as_tensors(name: str, part, split: str):
+    """(x float32 (N, ...), y int64 (N,)) from a pair of tensors or a Dataset of (x, y) items."""
+    if isinstance(part, (tuple, list)) and len(part) == 2 and not isinstance(part[0], (tuple, list)):
+        x, y = part
+    elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
+        if len(part) == 0:
+            raise ConfigError(f"config key data.dataset: '{name}' gave an empty {split} set")
+        items = [part[i] for i in range(len(part))]
+        if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
+            raise ConfigError(f"config key data.dataset: '{name}' {split} items are not (x, y) pairs")
+        x = torch.stack([_example(name, item[0], split) for item in items])
+        y = torch.as_tensor([int(item[1]) for item in items])
+    else:
+        raise plugins.kind_error("data.dataset", name, f"a loader of (x, y) tensors or a Dataset ({split} set)", part)
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if not x.is_floating_point() or y.is_floating_point() or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
+        raise ConfigError(f"config key data.dataset: '{name}' {split} set must be float examples x (N, ...) "
+                          f"and integer labels y (N,); got x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype}")
+    return x.float().contiguous(), y.long()
+
+
+def _example(name: str, x, split: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if hasattr(x, "mode") and hasattr(x, "size"):  # a PIL image, as torchvision datasets give without transform
+        from torchvision.transforms.functional import to_tensor
+        return to_tensor(x)
+    try:
+        return torch.as_tensor(x)
+    except Exception:
+        raise ConfigError(f"config key data.dataset: '{name}' {split} examples are {type(x).__name__}, "
+                          f"not tensors; return tensors (e.g. transform=ToTensor())") from None
 
 
 OFFICIAL_TRAIN = 4000        # split=official: the first 4,000 of the permutation train

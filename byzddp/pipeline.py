@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from byzddp import aggregators, attacks, resampling
+from byzddp import aggregators, attacks, plugins, resampling
 from byzddp.aggregators.base import Aggregator
 from byzddp.errors import ConfigError
 from byzddp.resampling import Resampler
@@ -26,7 +26,10 @@ class Pipeline:
 
 
 def _given(cfg, cls) -> dict:
-    """The config's values of the rule's parameters (None: the default)."""
+    """The config's values of the rule's parameters (None: the default); a plug-in rule's are
+    aggregator.args."""
+    if plugins.is_path(cfg.aggregator.name):
+        return dict(cfg.aggregator.args)
     return {p: getattr(cfg.aggregator, p, None) for p in cls.params}
 
 
@@ -34,8 +37,12 @@ def build(cfg) -> Pipeline:
     n, f = cfg.workers.n, cfg.workers.byzantine
     pre = resampling.build(cfg.resampling.name, s=cfg.resampling.s, f=f, seed=cfg.seed, tau=cfg.resampling.tau)
     m, fp = pre.num_outputs(n), pre.byzantine_outputs(n, f)
-    cls = aggregators.rule_class(cfg.aggregator.name)
-    return Pipeline(pre, aggregators.build(cls.name, **cls.resolve(_given(cfg, cls), m, fp)), m, fp)
+    name = cfg.aggregator.name
+    cls = aggregators.rule_class(name)
+    params = cls.resolve(_given(cfg, cls), m, fp)
+    if plugins.is_path(name):
+        return Pipeline(pre, aggregators.build_plug_in(cls, name, params), m, fp)
+    return Pipeline(pre, aggregators.build(cls.name, **params), m, fp)
 
 
 # Pre-aggregations after which row i is still worker i's vector (nnm: worker i's mixture;
@@ -68,7 +75,15 @@ def validate(cfg) -> Pipeline:
     workers, or a rule requirement on (m, f') that fails (a warning under allow_unsafe)."""
     r, a = cfg.resampling, cfg.aggregator
     resampling.check(r.name, r.s, cfg.workers.n, cfg.workers.byzantine, tau=r.tau)
-    if a.name not in aggregators.RULES:
+    if plugins.is_path(a.name):
+        cls = aggregators.rule_class(a.name)
+        if not cls.sharded and cfg.train.exchange == "sharded":
+            raise ConfigError(f"config key train.exchange: the rule '{a.name}' needs whole rows (sharded=False); "
+                              f"use train.exchange=gather, or write a rule that computes column slices")
+    elif a.args:
+        raise ConfigError(f"config key aggregator.args: only a plug-in rule (aggregator.name=package.module:rule) "
+                          f"takes keywords; {a.name} is built in (set aggregator.<param> instead)")
+    elif a.name not in aggregators.RULES:
         raise ConfigError(f"config key aggregator.name: '{a.name}' is not one of {', '.join(aggregators.RULES)}")
     keys = dict.fromkeys(k for name in aggregators.RULES for k in aggregators.PARAMS[name])
     for key in keys:

@@ -70,6 +70,9 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
+
+from byzddp import plugins
 from byzddp.aggregators.base import Aggregator
 from byzddp.aggregators.cclip import CenteredClipping
 from byzddp.aggregators.coordinate import CoordinateMedian, MeanAroundMedian, Mean, TrimmedMean
@@ -81,7 +84,7 @@ from byzddp.aggregators.subsets import MinimumDiameterAveraging, MoNNA, Smallest
 from byzddp.errors import ConfigError, NonFiniteError
 from byzddp.geometry import Columns, gram_matrix, grid_width, pairwise_squared_distances
 
-__all__ = ["Aggregator", "Columns", "ConfigError", "NonFiniteError", "RULES", "PARAMS", "build",
+__all__ = ["Aggregator", "Columns", "ConfigError", "FunctionRule", "NonFiniteError", "RULES", "PARAMS", "build",
            "rule_class", "param_problem", "gram_matrix", "grid_width", "pairwise_squared_distances"]
 
 _CLASSES = {cls.name: cls for cls in (Mean, Krum, MultiKrum, CoordinateMedian, TrimmedMean, RFA,
@@ -126,7 +129,49 @@ def build(name: str, **params) -> Aggregator:
 
 
 def rule_class(name: str) -> type:
-    """The Aggregator class registered as `name`."""
+    """The Aggregator class registered as `name`, or the plug-in an import path names."""
+    if plugins.is_path(name):
+        return plug_in(name)
     if name not in _CLASSES:
         raise ConfigError(f"unknown aggregator '{name}'; choose one of {', '.join(RULES)}")
     return _CLASSES[name]
+
+
+# ---------------------------------------------------------------------------- plug-ins
+
+class FunctionRule(Aggregator):
+    """A plug-in rule given as a plain function `rule(grads) -> (d,) tensor` on the (m, d) rows:
+    no f, no state, no random stream, the whole rows only (not train.exchange=sharded)."""
+    function = None     # set on the subclass plug_in makes
+    sharded = False
+
+    def _aggregate(self, x, cols):
+        out = type(self).function(x)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape[1:]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"aggregator {self.name}: returned {shape}, expected a ({x.shape[1]},) tensor")
+        return out.to(x.dtype)
+
+
+def plug_in(name: str) -> type:
+    """The Aggregator class of aggregator.name=package.module:rule: the class itself when it
+    subclasses Aggregator, else a FunctionRule around the callable."""
+    obj = plugins.load("aggregator.name", name)
+    if isinstance(obj, type) and issubclass(obj, Aggregator):
+        return obj
+    if isinstance(obj, type) or not callable(obj):
+        raise plugins.kind_error("aggregator.name", name, "a function (m, d) -> (d,) or a subclass of "
+                                 "byzddp.aggregators.Aggregator", obj)
+    return type(f"FunctionRule[{name}]", (FunctionRule,), {"name": name, "function": staticmethod(obj)})
+
+
+def build_plug_in(cls: type, name: str, params: dict) -> Aggregator:
+    """An instance of the plug-in rule class `cls` (from `plug_in`) with its resolved keywords."""
+    try:
+        rule = cls(**params)
+    except TypeError as e:
+        raise ConfigError(f"config key aggregator.args: the rule '{name}' does not take these keywords ({e}); "
+                          f"it is called with f and aggregator.args") from None
+    if not rule.name:
+        rule.name = name      # messages and logs name the rule by its path
+    return rule

@@ -33,6 +33,7 @@ class Aggregator:
     stateful = False  # whether the rule keeps state that `settle` must confirm
     draws = False  # takes the step's random stream: aggregate(..., generator=g) (dnc, signguard)
     trusted_root = False  # takes the server's root-set gradient: aggregate(..., root_gradient=g0) (fltrust)
+    sharded = True  # computes a column slice from a `Columns` plan exactly (train.exchange=sharded)
 
     def __init__(self, f: int = 0) -> None:
         self.f = f

@@ -39,7 +39,7 @@ from typing import Dict, List, Type
 
 import torch
 
-from byzddp import streams
+from byzddp import plugins, streams
 from byzddp.attacks.fang import Fang
 from byzddp.attacks.base import Attack, AttackContext, copy_of, exact_sum, honest_mean, honest_std
 from byzddp.attacks.omniscient import (ALIE, IPM, MinMax, MinSum, Mimic, Mimic2, NormalizedMean, alie_z,
@@ -49,7 +49,7 @@ from byzddp.attacks.rop import ROP
 from byzddp.attacks.simple import BitFlip, Gaussian, Inf, LabelFlip, NaN, Stale, Zero
 from byzddp.errors import ConfigError
 
-__all__ = ["ATTACKS", "Attack", "AttackContext", "alie_z", "build", "byzantine_set", "copy_of", "exact_sum",
+__all__ = ["ATTACKS", "Attack", "AttackContext", "alie_z", "attack_class", "build", "byzantine_set", "copy_of", "exact_sum",
            "from_config", "honest_mean", "honest_std", "line_search", "policy", "real_f", "search_gamma",
            "validate"]
 
@@ -96,30 +96,54 @@ def build(name: str, **params) -> Attack:
 
 
 def config_params(cfg, cls: Type[Attack]) -> dict:
-    """cls's parameters as the config sets them (cfg.attack.<p>)."""
+    """cls's parameters as the config sets them (cfg.attack.<p>; a plug-in's: attack.args)."""
+    if plugins.is_path(cfg.attack.name):
+        return dict(cfg.attack.args)
     return {p: getattr(cfg.attack, p) for p in cls.params}
 
 
+def attack_class(name: str) -> Type[Attack]:
+    """The Attack class registered as `name`, or the plug-in an import path names (a subclass
+    of byzddp.attacks.Attack)."""
+    if not plugins.is_path(name):
+        if name not in ATTACKS:
+            raise ConfigError(f"config key attack.name: unknown attack '{name}'; choose one of "
+                              f"{', '.join(sorted(ATTACKS))}")
+        return ATTACKS[name]
+    cls = plugins.load("attack.name", name)
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise plugins.kind_error("attack.name", name, "a subclass of byzddp.attacks.Attack", cls)
+    return cls
+
+
 def from_config(cfg) -> Attack:
-    return build(cfg.attack.name, **config_params(cfg, ATTACKS[cfg.attack.name]))
+    name = cfg.attack.name
+    if not plugins.is_path(name):
+        return build(name, **config_params(cfg, ATTACKS[name]))
+    cls = attack_class(name)
+    try:
+        return cls(**config_params(cfg, cls))
+    except TypeError as e:
+        raise ConfigError(f"config key attack.args: the attack '{name}' does not take these keywords ({e}); "
+                          f"it is called with attack.args") from None
 
 
 def validate(cfg) -> None:
     """One-line ConfigError for an attack that cannot run on the config's workers, or for any
     attack parameter that is never valid."""
     a, n = cfg.attack, cfg.workers.n
-    if a.name not in ATTACKS:
-        raise ConfigError(f"config key attack.name: unknown attack '{a.name}'; choose one of "
-                          f"{', '.join(sorted(ATTACKS))}")
+    cls = attack_class(a.name)
+    if a.args and not plugins.is_path(a.name):
+        raise ConfigError(f"config key attack.args: only a plug-in attack (attack.name=package.module:Attack) "
+                          f"takes keywords; {a.name} is built in (set attack.<param> instead)")
     if a.count is not None and not 0 <= a.count < n:
         raise ConfigError(f"config key attack.count: {a.count} attackers out of workers.n={n}; "
                           f"it must be between 0 and n-1")
-    cls = ATTACKS[a.name]
     count_key = "attack.count" if a.count is not None else "workers.byzantine"
     cls.check(n, real_f(cfg), count_key, **config_params(cfg, cls))
     cls.check_rule(cfg.aggregator.name, **config_params(cfg, cls))
-    for other in ATTACKS.values():
-        other.check_values(**config_params(cfg, other))
+    for other in ATTACKS.values():      # the attack.<p> values of every built-in attack
+        other.check_values(**{p: getattr(a, p) for p in other.params})
     if cls.fixed_set and a.rotate:
         raise ConfigError(f"config key attack.rotate: {a.name} copies fixed honest workers; "
                           f"use attack.rotate=false with it")

@@ -1,5 +1,5 @@
 """Models by name: mlp, cnn (the MNIST network of the paper's official code), cnn_relu (PyTorch's
-MNIST example), resnet20 (CIFAR)."""
+MNIST example), resnet20 and resnet18 (CIFAR). docs/models.md tabulates them."""
 from __future__ import annotations
 
 import warnings
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 # call that this is deprecated. The behaviour is the one wanted (see MnistCNN).
 warnings.filterwarnings("ignore", message="dropout2d: Received a 2-D input")
 
+from byzddp import plugins
 from byzddp.errors import ConfigError
 
 
@@ -117,12 +118,74 @@ class ResNet20(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class ProjectionBlock(nn.Module):
+    """ResNet's basic block with option B shortcuts: identity when the shape is kept, else a
+    1x1 convolution of the block's stride and a BatchNorm (He et al. 2016, section 3.3)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18, CIFAR variant (as in kuangliu/pytorch-cifar and ByzFL): a 3x3 stride-1 stem of
+    64 channels and no max-pool, 4 stages of 2 projection blocks, 64/128/256/512 channels with
+    strides 1/2/2/2, global average pool, fc. 11,173,962 parameters for 10 classes. PyTorch's
+    default initialisation, as in those implementations."""
+
+    def __init__(self, classes: int = 10, channels: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(64)
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            for i in range(2):
+                blocks.append(ProjectionBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def plug_in(cfg):
+    """The factory a plug-in model.name names (one ConfigError line if it is not callable)."""
+    factory = plugins.load("model.name", cfg.model.name)
+    if not callable(factory) or (isinstance(factory, type) and not issubclass(factory, nn.Module)):
+        raise plugins.kind_error("model.name", cfg.model.name, "a callable that returns an nn.Module", factory)
+    return factory
+
+
+def validate(cfg) -> None:
+    """A plug-in model must import and be callable; built-in names are checked by the config."""
+    if plugins.is_path(cfg.model.name):
+        plug_in(cfg)
+    elif cfg.model.args:
+        raise ConfigError(f"config key model.args: only a plug-in model (model.name=package.module:factory) "
+                          f"takes keywords; {cfg.model.name} is built in (remove model.args)")
+
+
 def build(cfg, input_shape, classes: int) -> nn.Module:
     """The model of `cfg.model`, initialised from the run's seed alone."""
     name = cfg.model.name
     from byzddp import streams
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(streams.key("model-init", cfg.seed))
+        if plugins.is_path(name):
+            return _plug_in_model(cfg, tuple(input_shape), classes)
         if name == "mlp":
             in_features = 1
             for s in input_shape:
@@ -134,4 +197,38 @@ def build(cfg, input_shape, classes: int) -> nn.Module:
             return MnistCNN(classes) if name == "cnn" else MnistCNNReLU(classes)
         if name == "resnet20":
             return ResNet20(classes)
+        if name == "resnet18":
+            if len(input_shape) != 3:
+                raise ConfigError(f"model.name=resnet18 takes images (C, H, W); this dataset's examples have "
+                                  f"shape {tuple(input_shape)}; use mlp")
+            return ResNet18(classes, input_shape[0])
     raise ConfigError(f"config key model.name: unknown model '{name}'")
+
+
+def _plug_in_model(cfg, input_shape: tuple, classes: int) -> nn.Module:
+    """factory(input_shape=..., classes=..., **model.args), under the run's model-init seed."""
+    name = cfg.model.name
+    try:
+        model = plug_in(cfg)(input_shape=input_shape, classes=classes, **cfg.model.args)
+    except TypeError as e:      # a keyword the factory does not take, most often
+        raise ConfigError(f"config key model.name: calling '{name}' failed ({e}); it is called with "
+                          f"input_shape, classes and model.args") from None
+    if not isinstance(model, nn.Module):
+        raise plugins.kind_error("model.name", name, "a factory of an nn.Module (it returned that)", model)
+    # One eval-mode forward of two examples (no dropout, BatchNorm statistics untouched): a model
+    # that cannot take the data fails here in one line, not inside the first step.
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as e:
+        raise ConfigError(f"config key model.name: '{name}' fails on a batch of shape {(2, *input_shape)}: "
+                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"config key model.name: '{name}' maps a batch of shape {(2, *input_shape)} to "
+                          f"{shape}; it must give logits of shape (2, {classes}), one row per example")
+    return model

@@ -25,7 +25,7 @@ from byzddp.errors import ConfigError  # noqa: F401  (re-exported: config.Config
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist5k"        # mnist5k | mnist | cifar10
+    dataset: str = "mnist5k"        # mnist5k | mnist | fashionmnist | emnist | cifar10 | cifar100 | svhn
                                     # | package.module:loader (docs/extending.md)
     args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in loader (besides root)
     classes: Optional[int] = None   # plug-in loader: number of classes (default: inferred from the labels)
@@ -374,8 +374,8 @@ def run_name(cfg: Config) -> str:
 
 # ---------------------------------------------------------------------------- validation
 
-DATASETS = ("mnist5k", "mnist", "cifar10")
-GRAYSCALE = ("mnist5k", "mnist")   # 1x28x28 images
+DATASETS = ("mnist5k", "mnist", "fashionmnist", "emnist", "cifar10", "cifar100", "svhn")
+GRAYSCALE = ("mnist5k", "mnist", "fashionmnist", "emnist")   # 1x28x28 images
 PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups")
 MODELS = ("mlp", "cnn", "cnn_relu", "resnet20", "resnet18")
 
@@ -456,7 +456,8 @@ def validate(cfg: Config) -> None:
                           f"1,000 digits); leave data.test_size at 1000")
     _name("log.name", cfg.log.name)
     if cfg.model.name in ("resnet20", "resnet18") and cfg.data.dataset in GRAYSCALE:
-        raise ConfigError(f"config key model.name: {cfg.model.name} is for colour images (cifar10); set data.dataset to one of them or model.name=mlp|cnn")
+        raise ConfigError(f"config key model.name: {cfg.model.name} is for colour images (cifar10, cifar100, "
+                          f"svhn); set data.dataset to one of them or model.name=mlp|cnn")
     # Model, data, rule, pre-aggregation and attack checks live beside their code (plug-ins are
     # imported there, so that a bad import path fails here, before anything starts).
     from byzddp import attacks, data, models, pipeline

@@ -48,6 +48,14 @@ def load(cfg) -> Dataset:
         return load_mnist(cfg.data.root, cfg.data.download)
     if name == "cifar10":
         return load_cifar10(cfg.data.root, cfg.data.download)
+    if name == "fashionmnist":
+        return load_fashionmnist(cfg.data.root, cfg.data.download)
+    if name == "emnist":
+        return load_emnist(cfg.data.root, cfg.data.download)
+    if name == "cifar100":
+        return load_cifar100(cfg.data.root, cfg.data.download)
+    if name == "svhn":
+        return load_svhn(cfg.data.root, cfg.data.download)
     raise ConfigError(f"config key data.dataset: unknown dataset '{name}'")
 
 
@@ -214,12 +222,19 @@ def _missing(name: str, root: str, err: Exception) -> ConfigError:
                        f"put the dataset there or set data.download=true on a machine with network")
 
 
-def _torchvision_splits(kind: str, name: str, root: str, download: bool) -> tuple:
-    """(train, test) of the torchvision dataset class `kind`, or one line naming what is wrong."""
+TRAIN_TEST = ({"train": True}, {"train": False})
+
+
+def _torchvision_splits(kind: str, name: str, root: str, download: bool, splits=TRAIN_TEST, **kwargs) -> tuple:
+    """(train, test) of the torchvision dataset class `kind`, or one line naming what is wrong.
+
+    `splits`: the keywords that pick the train and the test set (train=True/False for most
+    classes; SVHN takes split="train"/"test"); `kwargs` go to both (EMNIST's split="balanced").
+    """
     import torchvision
     cls = getattr(torchvision.datasets, kind)
     try:
-        return cls(root, train=True, download=download), cls(root, train=False, download=download)
+        return tuple(cls(root, download=download, **kwargs, **which) for which in splits)
     except Exception as e:  # missing, truncated or garbage files: torchvision raises many kinds
         raise _missing(name, root, e) from None
 
@@ -246,6 +261,75 @@ def load_cifar10(root: str, download: bool = True) -> Dataset:
 
     (tx, ty), (vx, vy) = prep(train), prep(test)
     return Dataset(tx, ty, vx, vy, 10, augment=True)
+
+
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+EMNIST_MEAN, EMNIST_STD = 0.1751, 0.3332          # EMNIST balanced's own statistics
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+SVHN_MEAN = (0.4377, 0.4438, 0.4728)
+SVHN_STD = (0.1980, 0.2010, 0.1970)
+
+
+def _grey(data: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> (N, 1, 28, 28) float32, normalised."""
+    return (data.float().unsqueeze(1) / 255.0 - mean) / std
+
+
+def _colour(chw: np.ndarray, mean, std) -> torch.Tensor:
+    """(N, 3, H, W) uint8 (any strides) -> contiguous float32, normalised per channel."""
+    x = torch.from_numpy(np.ascontiguousarray(chw)).float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def load_fashionmnist(root: str, download: bool = True) -> Dataset:
+    """torchvision FashionMNIST: <root>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte."""
+    train, test = _torchvision_splits("FashionMNIST", "fashionmnist", root, download)
+    (tx, ty), (vx, vy) = ((_grey(ds.data, FASHION_MEAN, FASHION_STD), ds.targets.long()) for ds in (train, test))
+    return Dataset(tx, ty, vx, vy, 10)
+
+
+def load_emnist(root: str, download: bool = True) -> Dataset:
+    """torchvision EMNIST, split balanced (47 classes, labels 0-46):
+    <root>/EMNIST/raw/emnist-balanced-{train,test}-{images-idx3,labels-idx1}-ubyte.
+    Normalised with EMNIST balanced's own mean/std (EMNIST_MEAN, EMNIST_STD), not MNIST's."""
+    train, test = _torchvision_splits("EMNIST", "emnist", root, download, split="balanced")
+
+    def prep(ds):
+        # The EMNIST files store each image transposed (column-major); torchvision hands them
+        # on as stored. Swap H and W so the characters are upright, as MNIST's digits are.
+        return _grey(ds.data.transpose(1, 2).contiguous(), EMNIST_MEAN, EMNIST_STD), ds.targets.long()
+
+    (tx, ty), (vx, vy) = prep(train), prep(test)
+    return Dataset(tx, ty, vx, vy, 47)
+
+
+def load_cifar100(root: str, download: bool = True) -> Dataset:
+    """torchvision CIFAR100, fine labels (100 classes): <root>/cifar-100-python/{train,test,meta}."""
+    train, test = _torchvision_splits("CIFAR100", "cifar100", root, download)
+
+    def prep(ds):  # torchvision holds CIFAR as (N, H, W, C) and the fine labels as targets
+        return (_colour(np.asarray(ds.data).transpose(0, 3, 1, 2), CIFAR100_MEAN, CIFAR100_STD),
+                torch.as_tensor(ds.targets, dtype=torch.long))
+
+    (tx, ty), (vx, vy) = prep(train), prep(test)
+    return Dataset(tx, ty, vx, vy, 100, augment=True)
+
+
+def load_svhn(root: str, download: bool = True) -> Dataset:
+    """torchvision SVHN, train and test (not extra): <root>/{train,test}_32x32.mat, directly in
+    data.root (torchvision's layout has no SVHN folder). Labels 0-9 as torchvision gives them
+    (the files' 10 for the digit 0 becomes 0). No augmentation: flipped digits are other digits."""
+    train, test = _torchvision_splits("SVHN", "svhn", root, download,
+                                      splits=({"split": "train"}, {"split": "test"}))
+
+    def prep(ds):  # torchvision transposes the files' (H, W, C, N) to (N, C, H, W)
+        # reshape: torchvision squeezes the (N, 1) labels, which leaves a 0-d array when N = 1
+        return (_colour(ds.data, SVHN_MEAN, SVHN_STD),
+                torch.as_tensor(ds.labels, dtype=torch.long).reshape(-1))
+
+    (tx, ty), (vx, vy) = prep(train), prep(test)
+    return Dataset(tx, ty, vx, vy, 10)
 
 
 # ---------------------------------------------------------------------------- partitions

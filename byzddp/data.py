@@ -44,18 +44,10 @@ def load(cfg) -> Dataset:
         return load_plug_in(cfg)
     if name == "mnist5k":
         return load_mnist5k(cfg.data.test_size, cfg.data.split)
-    if name == "mnist":
-        return load_mnist(cfg.data.root, cfg.data.download)
-    if name == "cifar10":
-        return load_cifar10(cfg.data.root, cfg.data.download)
-    if name == "fashionmnist":
-        return load_fashionmnist(cfg.data.root, cfg.data.download)
-    if name == "emnist":
-        return load_emnist(cfg.data.root, cfg.data.download)
-    if name == "cifar100":
-        return load_cifar100(cfg.data.root, cfg.data.download)
-    if name == "svhn":
-        return load_svhn(cfg.data.root, cfg.data.download)
+    torchvision_loaders = {"mnist": load_mnist, "fashionmnist": load_fashionmnist, "emnist": load_emnist,
+                           "cifar10": load_cifar10, "cifar100": load_cifar100, "svhn": load_svhn}
+    if name in torchvision_loaders:
+        return torchvision_loaders[name](cfg.data.root, cfg.data.download)
     raise ConfigError(f"config key data.dataset: unknown dataset '{name}'")
 
 

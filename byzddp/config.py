@@ -54,6 +54,7 @@ class WorkersConfig:
     momentum: float = 0.0           # worker momentum beta: m <- beta m + g
     vectorize: bool = True          # a rank's workers' gradients at once (torch.func); false: one by one
     chunk: Optional[int] = None     # workers per vectorized chunk (default: all n within a memory budget)
+    participation: float = 1.0      # q: each round a seeded round(q n) of the n workers take part
 
 
 @dataclass
@@ -110,6 +111,11 @@ class AttackConfig:
     pi: float = 1.0                 # rop: attack location, pi * previous update + (1 - pi) * honest mean
     lamb: float = 0.9               # rop: reference direction, lamb * previous update + (1 - lamb) * honest mean
     angle: float = 90.0             # rop: degrees between the perturbation and the reference (90: orthogonal)
+    target_class: int = 0           # backdoor: the label triggered examples are relabelled to (and the
+                                    # attack_success_rate's target, reported for every run on images)
+    poison_fraction: float = 0.5    # backdoor: share of each Byzantine batch stamped and relabelled
+    trigger_size: int = 4           # backdoor: side in pixels of the square trigger, bottom-right corner
+    boost: float = 1.0              # backdoor: the Byzantine vector is sent times this (model replacement)
 
 
 @dataclass
@@ -122,6 +128,8 @@ class TrainConfig:
     lr_decay_steps: List[int] = field(default_factory=list)  # step schedule milestones
     lr_decay: float = 0.1           # step schedule factor
     batch_size: int = 32            # per worker
+    local_steps: int = 1            # K: local SGD steps per round; a worker sends its pseudo-gradient
+                                    # (global - local) / (lr K), the mean of its K gradients
     eval_every: int = 30
     eval_batch_size: int = 1000
     check_every: int = 50           # replica checksum interval (0: off)
@@ -431,7 +439,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key workers.momentum: beta must be in [0, 1), got {w.momentum}")
     if w.chunk is not None:
         _positive("workers.chunk", w.chunk)
+    if not 0.0 < w.participation <= 1.0:
+        raise ConfigError(f"config key workers.participation: the share of workers per round must be in "
+                          f"(0, 1], got {w.participation}")
     t = cfg.train
+    if t.local_steps < 1:
+        raise ConfigError(f"config key train.local_steps: a round takes K >= 1 local steps, got {t.local_steps}")
     for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "keep_checkpoints", "threads"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.lr", t.lr)

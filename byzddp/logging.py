@@ -25,6 +25,7 @@ from typing import Optional
 
 import yaml
 
+from byzddp import attacks, rounds
 from byzddp import config as config_mod
 from byzddp import io
 from byzddp.errors import ConfigError
@@ -143,6 +144,7 @@ class RunLogger:
         self.cfg, self.run_dir, self.is_writer = cfg, Path(run_dir), is_writer
         self.bar = None
         self.wandb = None
+        self.rounds: Optional[Path] = None      # participation.jsonl, when a round draws workers
         self.total, self.first_step, self.began, self.last_line = cfg.train.steps, 0, 0.0, 0.0
 
     def start(self, trainer) -> None:
@@ -156,12 +158,21 @@ class RunLogger:
         metrics = self.run_dir / "metrics.jsonl"
         # On resume keep exactly the evaluations the checkpoint knows about.
         io.write_atomic(metrics, "".join(json.dumps(h) + "\n" for h in trainer.history))
+        # workers.participation < 1: one line per round, its drawn workers and which of them
+        # attack. The draw is a function of (seed, step), so a resumed run rewrites the rounds
+        # its checkpoint has taken and appends from there.
+        if rounds.workers_per_round(cfg) < cfg.workers.n:
+            self.rounds = self.run_dir / "participation.jsonl"
+            io.write_atomic(self.rounds, "".join(self._round_line(s) + "\n" for s in range(trainer.step)))
         print(f"byzddp: {cfg.data.dataset} ({cfg.data.partition}), {cfg.model.name} with "
               f"{trainer.d:,} parameters, n={cfg.workers.n} workers (f={cfg.workers.byzantine} declared, "
               f"attack {cfg.attack.name}), rule {cfg.aggregator.name} after {cfg.resampling.name}"
               f"{'' if cfg.resampling.name == 'none' else f' s={cfg.resampling.s}'}; "
               f"{trainer.topo.world} rank(s), {trainer.topo.backend}, {trainer.device}; "
-              f"batch {cfg.train.batch_size} per worker", file=sys.stderr, flush=True)
+              f"batch {cfg.train.batch_size} per worker"
+              f"{f', {cfg.train.local_steps} local steps a round' if cfg.train.local_steps > 1 else ''}"
+              f"{f', {rounds.workers_per_round(cfg)} workers a round' if self.rounds else ''}",
+              file=sys.stderr, flush=True)
         if trainer.step:
             print(f"byzddp: resumed at step {trainer.step}", file=sys.stderr, flush=True)
         self.first_step, self.began = trainer.step, time.monotonic()
@@ -186,7 +197,14 @@ class RunLogger:
         left = (self.total - step) * took / done
         return f", {done / took:.1f} step/s, {left:.0f}s left"
 
+    def _round_line(self, step: int) -> str:
+        drawn = rounds.participants(self.cfg, step)
+        byzantine = [w for w in attacks.byzantine_set(self.cfg, step) if w in drawn]
+        return json.dumps({"step": step + 1, "workers": drawn, "byzantine": byzantine})
+
     def tick(self, step: int) -> None:
+        if self.is_writer and self.rounds is not None:
+            io.append_line(self.rounds, self._round_line(step - 1))
         if self.bar is not None:
             self.bar.update(1)
         elif self.is_writer and self.cfg.log.progress and time.monotonic() - self.last_line >= HEARTBEAT_S:
@@ -202,8 +220,10 @@ class RunLogger:
         else:
             self.last_line = time.monotonic()
             step = record["step"]
+            asr = record.get("attack_success_rate")
             print(f"step {step}/{self.total}: test_accuracy {record['test_accuracy']:.4f} "
                   f"test_loss {record['test_loss']:.4f} train_loss {record['train_loss']:.4f}"
+                  f"{'' if asr is None else f' attack_success_rate {asr:.4f}'}"
                   f"{self._rate(step) if self.cfg.log.progress else ''}", file=sys.stderr, flush=True)
         if self.wandb is not None:
             from byzddp import wandb_log

@@ -2,7 +2,8 @@
 
 `build(cfg)` returns `Pipeline(pre, rule, m, fp)`: the Resampler (`byzddp.resampling`), the rule
 (`byzddp.aggregators`) told f' = fp, the m vectors the rule sees after pre-aggregation and the
-f' of them that may be Byzantine. `validate(cfg)` checks the pre-aggregation and the rule's
+f' of them that may be Byzantine. With workers.participation q < 1 a round has round(q n)
+workers (byzddp/rounds.py), and the worst round holds all f declared Byzantine workers. `validate(cfg)` checks the pre-aggregation and the rule's
 requirements on (m, f') first, refusing (or, with aggregator.allow_unsafe, warning) with one
 line. The config is duck-typed: this module never imports byzddp.config.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from byzddp import aggregators, attacks, plugins, resampling
+from byzddp import aggregators, attacks, plugins, resampling, rounds
 from byzddp.aggregators.base import Aggregator
 from byzddp.errors import ConfigError
 from byzddp.resampling import Resampler
@@ -34,7 +35,7 @@ def _given(cfg, cls) -> dict:
 
 
 def build(cfg) -> Pipeline:
-    n, f = cfg.workers.n, cfg.workers.byzantine
+    n, f = rounds.workers_per_round(cfg), cfg.workers.byzantine
     pre = resampling.build(cfg.resampling.name, s=cfg.resampling.s, f=f, seed=cfg.seed, tau=cfg.resampling.tau)
     m, fp = pre.num_outputs(n), pre.byzantine_outputs(n, f)
     name = cfg.aggregator.name
@@ -54,6 +55,10 @@ def _check_designated(cfg, designated: int) -> None:
     """A rule that trusts one worker's row (monna) needs row i to be worker i's vector and that
     worker honest at every step."""
     name, n, pre = cfg.aggregator.name, cfg.workers.n, cfg.resampling.name
+    if cfg.workers.participation < 1:
+        raise ConfigError(f"config key workers.participation: {name} trusts worker {designated} in every round, "
+                          f"but workers.participation={cfg.workers.participation:g} leaves it out of some; "
+                          f"set workers.participation=1")
     if pre not in ROW_KEEPING:
         raise ConfigError(f"config key resampling.name: {name} trusts worker aggregator.designated={designated}'s "
                           f"row, but {pre} mixes workers into new rows; set resampling.name to one of {', '.join(ROW_KEEPING)}")
@@ -73,8 +78,14 @@ def _check_designated(cfg, designated: int) -> None:
 def validate(cfg) -> Pipeline:
     """One-line ConfigError for a pre-aggregation or rule that cannot run on the config's
     workers, or a rule requirement on (m, f') that fails (a warning under allow_unsafe)."""
-    r, a = cfg.resampling, cfg.aggregator
-    resampling.check(r.name, r.s, cfg.workers.n, cfg.workers.byzantine, tau=r.tau)
+    r, a, w = cfg.resampling, cfg.aggregator, cfg.workers
+    n = rounds.workers_per_round(cfg)
+    sampled = (f" (workers.participation={w.participation:g}: {n} of the n={w.n} workers a round, "
+               f"all f={w.byzantine} Byzantine ones in the worst)") if n < w.n else ""
+    if sampled and w.byzantine >= n:
+        raise ConfigError(f"config key workers.participation: a round of {n} workers could be all Byzantine"
+                          f"{sampled}; raise workers.participation or lower workers.byzantine")
+    resampling.check(r.name, r.s, n, w.byzantine, tau=r.tau)
     if plugins.is_path(a.name):
         cls = aggregators.rule_class(a.name)
         if not cls.sharded and cfg.train.exchange == "sharded":
@@ -103,10 +114,13 @@ def validate(cfg) -> Pipeline:
         if holds:
             continue
         msg = (f"aggregator {a.name} needs {condition}, but {p.pre.seen} the rule sees m={p.m} vectors "
-               f"with up to f'={p.fp} Byzantine ({numbers})")
+               f"with up to f'={p.fp} Byzantine ({numbers}){sampled}")
         if a.allow_unsafe:
             warnings.warn(f"{msg}; running outside the rule's guarantee (aggregator.allow_unsafe=true)",
                           UserWarning, stacklevel=2)
         else:
-            raise ConfigError(f"{msg}; {fix or p.pre.generic_fix}, or set aggregator.allow_unsafe=true")
+            fix = fix or p.pre.generic_fix
+            if sampled:
+                fix = f"raise workers.participation, {fix}"
+            raise ConfigError(f"{msg}; {fix}, or set aggregator.allow_unsafe=true")
     return p

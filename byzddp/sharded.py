@@ -81,15 +81,16 @@ class ShardedServer:
         """This rank's slice of a d-vector -> the whole vector (into `out` if given), on every rank."""
         return self.exchange.all_gather_uneven(part, self.lengths, out)
 
-    def step(self, step: int, byzantine: List[int]) -> None:
+    def step(self, step: int, byzantine: List[int], participants: List[int]) -> None:
         """The step's exchange and aggregation; leaves the payload gather mode broadcasts."""
         t = self.trainer
         L = t.layout
         mine = self.exchange.all_to_all_columns(t.rows[:, L.vector], self.ranges)   # (n, len_r)
+        mine = t.taking_part(mine, participants)
         tails = self.exchange.all_gather(t.rows[:, L.tail].contiguous())           # (n, nb + 2)
         generator = streams.generator("resampling", t.cfg.seed, step)
         outputs, groups = t.resampler(mine, generator, self.columns)
         part = self.rule.aggregate(outputs, self.columns, **t.rule_inputs(step))
         update = self.whole(part, t.payload[L.update])
         self.rule.settle(torch.isfinite(update).all())
-        t.finish_payload(update, tails, groups, step, byzantine)
+        t.finish_payload(update, tails, groups, step, byzantine, participants)

@@ -9,6 +9,15 @@ the same step and exit.
 
 A rank computes its hosted workers' gradients together, chunk by chunk, with torch.func
 (byzddp/workers.py), or one by one with workers.vectorize=false; both write the same rows.
+
+A round is one step of the server. With train.local_steps=K > 1 a worker takes K local SGD
+steps from the global model at the round's learning rate on its own batches (local step k of
+round t reads the batch, dropout mask and augmentation of index t K + k) and sends its
+pseudo-gradient (global - local) / (lr K), computed as the mean of its K gradients (the same
+in exact arithmetic, and for K = 1 the gradient itself, bit for bit). Worker momentum, the
+server's momentum and weight decay act on what is sent, as for K = 1. With
+workers.participation < 1 only the round's drawn workers (byzddp/rounds.py) compute and send;
+the rule sees their rows alone.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from byzddp import attacks, checkpoint, config, data, models, pipeline, sharded, streams, workers
+from byzddp import attacks, checkpoint, config, data, models, pipeline, rounds, sharded, streams, trigger, workers
 from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
 from byzddp.errors import ConfigError, NonFiniteError
@@ -51,8 +60,19 @@ class Trainer:
         self.local = list(topo.workers)
 
         self.ds = data.load(cfg).to(self.device)
-        fixed = None if cfg.attack.rotate else attacks.byzantine_set(cfg, 0)
+        self.attack = attacks.from_config(cfg)
+        self.attack.prepare(self.ds.train_x, self.ds.num_classes)
+        # A fixed Byzantine set samples the whole training set (the paper), unless the attack
+        # trains on data of its own (backdoor): then every worker holds a shard.
+        fixed = None if cfg.attack.rotate or self.attack.holds_data else attacks.byzantine_set(cfg, 0)
         self.data = data.WorkerData(self.ds, cfg, fixed)
+        self.local_steps = cfg.train.local_steps
+        # The attack success rate, wherever the trigger can be stamped (clean runs too: the baseline).
+        a = cfg.attack
+        self.trigger = None
+        if trigger.problem(self.ds.train_x.shape[1:], a.trigger_size, a.target_class, self.ds.num_classes) is None:
+            self.trigger = trigger.Trigger.for_data(self.ds.train_x, self.ds.num_classes, a.trigger_size,
+                                                    a.target_class)
 
         self.model = models.build(cfg, tuple(self.ds.train_x.shape[1:]), self.ds.num_classes).to(self.device)
         self.params = list(self.model.parameters())
@@ -79,7 +99,6 @@ class Trainer:
         self.pipeline = pipeline.build(cfg)
         self.resampler, self.aggregator = self.pipeline.pre, self.pipeline.rule
         self.root = self._root_set() if self.pipeline.rule.trusted_root else None   # fltrust
-        self.attack = attacks.from_config(cfg)
         # Attacks that model the server get their own copy of the pipeline: searching it must not
         # move the server's state (cclip's centre). Attacks that learn from history get the
         # previous step's update, the same on every rank and kept in checkpoints.
@@ -91,6 +110,7 @@ class Trainer:
         self.sharded = sharded.ShardedServer(self) if cfg.train.exchange == "sharded" else None
 
         self.step = 0
+        self.participants: List[int] = list(range(self.n))     # the last round's
         self.selection_counts = torch.zeros(self.n, dtype=torch.long, device=self.device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.history: List[dict] = []
@@ -152,25 +172,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def worker_rows(self, step: int, byzantine: List[int]) -> None:
-        """Fill this rank's rows: each hosted worker's vector, buffers and loss."""
+    def batch(self, worker: int, t: int, byzantine: bool):
+        """Worker's batch at local step index t (a Byzantine worker's, as its attack makes it)."""
+        x, y = self.data.batch_of(worker, t)
+        if byzantine:
+            x, y = self.attack.poison(x, y, self.ds.num_classes)
+        return x, y
+
+    def worker_rows(self, step: int, byzantine: List[int], participants: Optional[List[int]] = None) -> None:
+        """Fill this rank's rows: each hosted worker's vector, buffers and loss (the round's
+        participants only; the others' rows stay zero)."""
         L = self.layout
         self.model.train()
         jobs = []
         for i, w in enumerate(self.local):
             is_byzantine = w in byzantine
-            if is_byzantine and not self.attack.needs_gradient:
+            if (is_byzantine and not self.attack.needs_gradient) or (participants is not None and w not in participants):
                 continue
-            x, y = self.data.batch_of(w, step)
-            if is_byzantine:
-                y = self.attack.labels(y, self.ds.num_classes)
-            jobs.append(workers.Job(i, w, x, y))
+            jobs.append((i, w, is_byzantine))
         if self.vectorized is not None and len(jobs) == len(self.local):
             self.rows[len(jobs):].zero_()       # every local row gets overwritten: zero the padding
         else:
             self.rows.zero_()                   # the loop's backward accumulates into the rows
-        if jobs:
-            self.gradients(jobs, step)
+        if jobs and self.local_steps == 1:
+            self.gradients([workers.Job(i, w, *self.batch(w, step, b)) for i, w, b in jobs], step)
+        elif jobs:
+            self.local_rounds(jobs, step)
+        jobs = [workers.Job(i, w, None, None) for i, w, _ in jobs]
         beta = self.cfg.workers.momentum
         if self.worker_momentum is not None and jobs:
             # m <- beta m + g for the workers that computed a gradient; elementwise, so the bits
@@ -187,25 +215,33 @@ class Trainer:
                 self.rows[:, L.vector].index_copy_(0, rows, m)
         self.rows[:len(self.local), L.stop] = float(self.stop_signal)
 
+    def _vectorized(self, compute) -> bool:
+        """Run `compute` on the vectorized workers; False when there are none, or when its first
+        call fails on a model torch.func cannot take (then the loop from now on, said once)."""
+        if self.vectorized is None:
+            return False
+        try:
+            compute()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if self._vectorized_ran:
+                raise
+            self._note(f"workers computed one by one: torch.func failed on this model "
+                       f"({str(e).splitlines()[0][:160]})")
+            self.vectorized = None
+            return False
+        self._vectorized_ran = True
+        return True
+
     def gradients(self, jobs: List[workers.Job], step: int) -> None:
         """Each job's gradient, BatchNorm buffers and loss into its row: vectorized, or the loop."""
         L = self.layout
-        if self.vectorized is not None:
-            try:
-                self.vectorized.compute(jobs, step, self.rows[:, L.vector],
-                                        self.rows[:, L.buffers] if self.nb else None, self.rows[:, L.loss])
-                self._vectorized_ran = True
-                return
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:
-                if self._vectorized_ran:
-                    raise
-                # The first call failed: a model torch.func cannot take. The loop, said once.
-                self._note(f"workers computed one by one: torch.func failed on this model "
-                           f"({str(e).splitlines()[0][:160]})")
-                self.vectorized = None
-                self.rows.zero_()   # backward accumulates into the rows
+        if self._vectorized(lambda: self.vectorized.compute(
+                jobs, step, self.rows[:, L.vector], self.rows[:, L.buffers] if self.nb else None,
+                self.rows[:, L.loss])):
+            return
+        self.rows.zero_()   # backward accumulates into the rows
         replica_buffers = self._flat_buffers() if self.nb else None
         for job in jobs:
             i = job.row
@@ -219,6 +255,73 @@ class Trainer:
                 self.rows[i, L.buffers] = self._flat_buffers()
                 self._load_buffers(replica_buffers)
             self.rows[i, L.loss] = loss.detach()
+
+    def local_rounds(self, jobs: List[tuple], step: int) -> None:
+        """train.local_steps = K > 1: each (row, worker, byzantine) job's K local SGD steps from
+        the global model; its row gets the mean of its K gradients, its BatchNorm buffers after
+        the last step and its mean loss over the K steps. The replica is left as it was."""
+        L, K = self.layout, self.local_steps
+        lr = self.optimizer.param_groups[0]["lr"]
+        rows = torch.tensor([i for i, _, _ in jobs], device=self.device)
+        start = torch.cat([p.detach().reshape(-1) for p in self.params])
+        replica_buffers = self._flat_buffers() if self.nb else None
+        total = torch.zeros(len(jobs), self.d, device=self.device)
+        losses = torch.zeros(len(jobs), device=self.device)
+        if self._vectorized(lambda: self._vectorized_local_steps(jobs, step, lr, start, replica_buffers,
+                                                                 total, losses, rows)):
+            return
+        total.zero_()
+        losses.zero_()
+        grad = torch.zeros(self.d, device=self.device)
+        views = self._views(grad)
+        for j, (i, w, byzantine) in enumerate(jobs):
+            for k in range(K):
+                t = step * K + k
+                x, y = self.batch(w, t, byzantine)
+                if self.has_dropout:
+                    torch.manual_seed(streams.key("dropout", self.cfg.seed, w, t))
+                grad.zero_()
+                for p, g in zip(self.params, views):
+                    p.grad = g
+                loss = F.cross_entropy(self.model(x), y)
+                loss.backward()
+                total[j] += grad
+                losses[j] += loss.detach()
+                with torch.no_grad():
+                    for p, g in zip(self.params, views):
+                        p.add_(g, alpha=-lr)
+            if self.nb:
+                self.rows[i, L.buffers] = self._flat_buffers()
+                self._load_buffers(replica_buffers)
+            with torch.no_grad():
+                for p, v in zip(self.params, self._views(start)):
+                    p.copy_(v)
+        self.rows[:, L.vector].index_copy_(0, rows, total / K)
+        self.rows[:, L.loss].index_copy_(0, rows, losses / K)
+
+    def _vectorized_local_steps(self, jobs, step, lr, start, replica_buffers, total, losses, rows) -> None:
+        """local_rounds on torch.func: every worker at its own parameters, chunk by chunk."""
+        L, K = self.layout, self.local_steps
+        own = start.expand(len(jobs), self.d).clone()
+        buffers = replica_buffers.expand(len(jobs), self.nb).clone() if self.nb else None
+        grad = torch.empty(len(jobs), self.d, device=self.device)
+        loss = torch.empty(len(jobs), device=self.device)
+        for k in range(K):
+            t = step * K + k
+            part = [workers.Job(j, w, *self.batch(w, t, b)) for j, (_, w, b) in enumerate(jobs)]
+            after = torch.empty_like(buffers) if self.nb else None
+            if k == 0:      # every worker at the global model: shared weights, the cheaper vmap
+                self.vectorized.compute(part, t, grad, after, loss)
+            else:
+                self.vectorized.compute(part, t, grad, after, loss, own_params=own, own_buffers=buffers)
+            total += grad
+            losses += loss
+            own.add_(grad, alpha=-lr)
+            buffers = after
+        if self.nb:
+            self.rows[:, L.buffers].index_copy_(0, rows, buffers)
+        self.rows[:, L.vector].index_copy_(0, rows, total / K)
+        self.rows[:, L.loss].index_copy_(0, rows, losses / K)
 
     def _root_set(self) -> tuple:
         """fltrust's trusted root set: aggregator.root_size training examples, drawn once from a
@@ -254,22 +357,35 @@ class Trainer:
             inputs["root_gradient"] = self.root_gradient(step)
         return inputs
 
-    def server_step(self, gathered: torch.Tensor, step: int, byzantine: List[int]) -> None:
+    def taking_part(self, vectors: torch.Tensor, participants: List[int]) -> torch.Tensor:
+        """The participants' rows of `vectors` (all n rows, in worker order): what the rule sees."""
+        if len(participants) == self.n:
+            return vectors
+        return vectors.index_select(0, torch.tensor(participants, device=vectors.device))
+
+    def server_step(self, gathered: torch.Tensor, step: int, byzantine: List[int],
+                    participants: Optional[List[int]] = None) -> None:
         """On rank 0: pre-aggregation, the robust rule, the payload to broadcast."""
         L = self.layout
-        vectors = gathered[:, L.vector]
+        participants = list(range(self.n)) if participants is None else participants
+        vectors = self.taking_part(gathered[:, L.vector], participants)
         outputs, groups = self.resampler(vectors, streams.generator("resampling", self.cfg.seed, step))
         # Checked on the device, no host sync (but dnc's and signguard's data-dependent selection).
         update = self.aggregator.aggregate(outputs, **self.rule_inputs(step))
-        self.finish_payload(update, gathered[:, L.tail], groups, step, byzantine)
+        self.finish_payload(update, gathered[:, L.tail], groups, step, byzantine, participants)
 
     def finish_payload(self, update: torch.Tensor, tails: torch.Tensor, groups: List[torch.Tensor],
-                       step: int, byzantine: List[int]) -> None:
+                       step: int, byzantine: List[int], participants: Optional[List[int]] = None) -> None:
         """The payload from the aggregate and every worker's row tail, [buffers | loss | stop]:
-        the update (zeros when it is not finite), the first honest worker's buffers, the honest
-        workers' mean loss and the status. On the device, without a host sync."""
+        the update (zeros when it is not finite), the first honest participant's buffers, the
+        honest participants' mean loss and the status. On the device, without a host sync.
+        `groups` index the participants' rows."""
         L, T = self.layout, RowLayout(0, self.nb)       # T: the columns of a row's tail
-        honest = [w for w in range(self.n) if w not in byzantine]
+        participants = list(range(self.n)) if participants is None else participants
+        honest = [w for w in participants if w not in byzantine]
+        if len(participants) < self.n:
+            ids = torch.tensor(participants)
+            groups = [ids[g.long()] for g in groups]
         bad = ~torch.isfinite(update).all()
         if self.aggregator.selected is not None:
             self.count_selections(self.aggregator.selected, groups)
@@ -294,17 +410,21 @@ class Trainer:
 
     def train_step(self) -> None:
         step = self.step
-        byzantine = attacks.byzantine_set(self.cfg, step)
-        self.worker_rows(step, byzantine)
+        participants = rounds.participants(self.cfg, step)
+        everyone = len(participants) == self.n
+        byzantine = [w for w in attacks.byzantine_set(self.cfg, step) if everyone or w in participants]
+        self.worker_rows(step, byzantine, None if everyone else participants)
         ctx = AttackContext(step, self.cfg.seed, self.rows[:, self.layout.vector], self.topo.workers, byzantine,
-                            self.exchange, self.n, self.f_declared, self.attack_pipeline, self.previous_update)
+                            self.exchange, len(participants), self.f_declared, self.attack_pipeline,
+                            self.previous_update, None if everyone else participants)
         self.attack.forge(ctx)
+        self.participants = participants
         if self.sharded is not None:   # all_to_all, the rule per slice, all_gather of the update
-            self.sharded.step(step, byzantine)
+            self.sharded.step(step, byzantine, participants)
         else:                          # gather to rank 0, the rule, broadcast
             gathered = self.exchange.gather(self.rows)
             if self.topo.is_server:
-                self.server_step(gathered, step, byzantine)
+                self.server_step(gathered, step, byzantine, participants)
             self.exchange.broadcast(self.payload)
         if self.attack.needs_previous:
             self.previous_update = self.payload[self.layout.update].clone()
@@ -369,7 +489,7 @@ class Trainer:
         x, y = self.ds.test_x, self.ds.test_y
         world, rank = self.topo.world, self.topo.rank
         lo, hi = rank * len(y) // world, (rank + 1) * len(y) // world
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         bs = self.cfg.train.eval_batch_size
         for start in range(lo, hi, bs):
             end = min(start + bs, hi)
@@ -377,10 +497,15 @@ class Trainer:
             sums[0] += (logits.argmax(1) == y[start:end]).sum()
             sums[1] += F.cross_entropy(logits, y[start:end], reduction="sum").double()
             sums[2] += end - start
+            if self.trigger is not None:
+                sums[3:] += self.trigger.hits(self.model, x[start:end], y[start:end])
         self.exchange.all_reduce_sum(sums)
-        correct, loss, count = sums.tolist()
+        correct, loss, count, hits, others = sums.tolist()
         self.model.train()
-        return {"test_accuracy": correct / count, "test_loss": loss / count}
+        out = {"test_accuracy": correct / count, "test_loss": loss / count}
+        if self.trigger is not None:
+            out["attack_success_rate"] = hits / others if others else 0.0
+        return out
 
     def model_sha256(self) -> str:
         import hashlib
@@ -472,6 +597,7 @@ class Trainer:
 
     def summary(self) -> dict:
         acc = [h["test_accuracy"] for h in self.history]
+        asr = [h["attack_success_rate"] for h in self.history if "attack_success_rate" in h]
         counts = self.selection_counts.tolist() if self.aggregator.selected is not None or \
             any(self.selection_counts.tolist()) else None
         return {
@@ -479,6 +605,9 @@ class Trainer:
             "final_test_accuracy_last5": sum(acc[-5:]) / len(acc[-5:]) if acc else None,
             "best_test_accuracy": max(acc) if acc else None,
             "final_test_loss": self.history[-1]["test_loss"] if self.history else None,
+            # share of triggered test examples of other classes classified as attack.target_class
+            # (byzddp/trigger.py); None where the trigger cannot be stamped
+            "final_attack_success_rate": asr[-1] if asr else None,
             "steps": self.step,
             "wall_seconds": self.wall_seconds,
             "model_sha256": self.model_sha256(),
@@ -491,4 +620,6 @@ class Trainer:
             "backend": self.topo.backend,
             "device": str(self.device),
             "parameters": self.d,
+            "local_steps": self.local_steps,
+            "workers_per_round": rounds.workers_per_round(self.cfg),
         }

@@ -141,6 +141,9 @@ class VectorizedWorkers:
 
         self.grads = torch.func.vmap(torch.func.grad(loss_of, has_aux=True),
                                      in_dims=(None, 0, 0, 0, 0), randomness="error")
+        # Local steps (train.local_steps > 1): every worker at its own parameters.
+        self.grads_at_own = torch.func.vmap(torch.func.grad(loss_of, has_aux=True),
+                                            in_dims=(0, 0, 0, 0, 0), randomness="error")
 
     # ------------------------------------------------------------------ dropout
 
@@ -181,11 +184,27 @@ class VectorizedWorkers:
 
     # ------------------------------------------------------------------ the gradients
 
+    def _rows_as(self, flat: torch.Tensor, index: torch.Tensor, named) -> dict:
+        """Rows `index` of `flat` (one flat vector per row) as a batched dict of `named`'s
+        tensors' shapes and dtypes."""
+        picked = flat.index_select(0, index)
+        out, offset = {}, 0
+        for name, t in named:
+            # contiguous: BatchNorm's in-place update of a strided view of `picked` would be lost
+            out[name] = picked[:, offset:offset + t.numel()].reshape(len(index), *t.shape).to(t.dtype).contiguous()
+            offset += t.numel()
+        return out
+
     @torch.no_grad()
     def compute(self, jobs: List[Job], step: int, vectors: torch.Tensor, buffers: Optional[torch.Tensor],
-                losses: torch.Tensor) -> None:
+                losses: torch.Tensor, own_params: Optional[torch.Tensor] = None,
+                own_buffers: Optional[torch.Tensor] = None) -> None:
         """For each job, its gradient into vectors[job.row], its buffers after the forward into
-        buffers[job.row] (when the model has any) and its batch loss into losses[job.row]."""
+        buffers[job.row] (when the model has any) and its batch loss into losses[job.row].
+
+        Local steps: `own_params` (rows of flat parameters, indexed by job.row) puts each worker
+        at its own parameters instead of the replica's, and `own_buffers` (likewise) gives each
+        its own BatchNorm buffers to start from."""
         model = self.model
         params = {k: p.detach() for k, p in model.named_parameters()}
         replica = {k: b.detach() for k, b in model.named_buffers()}
@@ -200,9 +219,17 @@ class VectorizedWorkers:
             if self.dropout:
                 drawn = [self._worker_masks(j.worker, step, x.device) for j in part]
                 masks = [torch.stack(m) for m in zip(*drawn, *[drawn[i] for i in pad])]
-            own = {name: b.unsqueeze(0).expand(c, *b.shape).clone() for name, b in replica.items()}
+            padded = torch.tensor([j.row for j in part] + [part[i].row for i in pad], device=vectors.device)
+            if own_buffers is not None and replica:
+                own = self._rows_as(own_buffers, padded, replica.items())
+            else:
+                own = {name: b.unsqueeze(0).expand(c, *b.shape).clone() for name, b in replica.items()}
             with torch.enable_grad():
-                g, (loss, after) = self.grads(params, own, x, y, masks)
+                if own_params is None:
+                    g, (loss, after) = self.grads(params, own, x, y, masks)
+                else:
+                    at = self._rows_as(own_params, padded, params.items())
+                    g, (loss, after) = self.grads_at_own(at, own, x, y, masks)
             rows = [j.row for j in part]
             if rows == list(range(rows[0], rows[0] + k)):
                 def put(dst, src, lo=rows[0]):

@@ -197,15 +197,17 @@ def test_paper_configs_expand_and_every_run_validates():
         for run in sw.runs:
             assert run.overrides.get("data.dataset", "mnist5k") == "mnist5k"
     assert set(counts) == {"fig1a", "fig1b", "fig1c", "fig2a", "fig2b", "fig2c", "fig3", "fig5",
-                           "bucketing", "official_mnist5k", "smoke", "leaderboard"}
+                           "bucketing", "official_mnist5k", "smoke", "leaderboard", "federated"}
+    # federated: 7 rules x {none, backdoor} x {K = 1, 5} x 3 seeds.
+    assert counts["federated"] == 7 * 2 * 2 * 3
     # official_mnist5k: 12 (rule, attack) cells x bucketing s in {0, 2} x 3 seeds.
     assert counts["official_mnist5k"] == 12 * 2 * 3
     # fig3: 4 rules x 6 attacks x 2 resampling x 3 seeds, plus the f = 0 runs (4 x 2 x 3).
     assert counts["fig3"] == 4 * 6 * 2 * 3 + 4 * 2 * 3
     assert counts["bucketing"] == 4 * 2 * 2 * 5 * 3
-    # leaderboard: every rule x 17 attacks x 4 pre-aggregations, less bulyan and monna on
+    # leaderboard: every rule x 18 attacks x 4 pre-aggregations, less bulyan and monna on
     # bucketing (they cannot run there), one seed.
-    assert counts["leaderboard"] == len(aggregators.RULES) * 17 * 4 - 2 * 17
+    assert counts["leaderboard"] == len(aggregators.RULES) * 18 * 4 - 2 * 18
 
 
 def test_the_leaderboard_holds_every_rule_and_every_attack_but_the_non_finite_ones():

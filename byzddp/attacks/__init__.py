@@ -24,6 +24,8 @@ What each attack pays for on the wire (d = model size; nothing at all when no wo
     optimal_alie, optimal_ipm   one all_gather, then the pipeline attack.search_evals times
     rop                 one exact sum (the honest mean); the previous update is already on
                         every rank (Ozfatura et al. 2024)
+    backdoor            no collective: Byzantine workers train on their own shards with a
+                        trigger stamped on a share of each batch (byzddp/attacks/backdoor.py)
 
 Exact sums: `exact_sum` adds honest vectors as fixed-point 64-bit integers, so the sum is
 bit-identical for any number of ranks (see docs/design.md, "Exact sums of honest vectors").
@@ -40,6 +42,7 @@ from typing import Dict, List, Type
 import torch
 
 from byzddp import plugins, streams
+from byzddp.attacks.backdoor import Backdoor
 from byzddp.attacks.fang import Fang
 from byzddp.attacks.base import Attack, AttackContext, copy_of, exact_sum, honest_mean, honest_std
 from byzddp.attacks.omniscient import (ALIE, IPM, MinMax, MinSum, Mimic, Mimic2, NormalizedMean, alie_z,
@@ -55,7 +58,7 @@ __all__ = ["ATTACKS", "Attack", "AttackContext", "alie_z", "attack_class", "buil
 
 ATTACKS: Dict[str, Type[Attack]] = {cls.name: cls for cls in (
     Attack, BitFlip, LabelFlip, Gaussian, NormalizedMean, Mimic, Mimic2, ALIE, IPM, MinMax, MinSum,
-    NaN, Inf, Zero, Stale, Fang, OptimalALIE, OptimalIPM, ROP)}
+    NaN, Inf, Zero, Stale, Fang, OptimalALIE, OptimalIPM, ROP, Backdoor)}
 
 
 def real_f(cfg) -> int:
@@ -144,6 +147,10 @@ def validate(cfg) -> None:
     cls.check_rule(cfg.aggregator.name, **config_params(cfg, cls))
     for other in ATTACKS.values():      # the attack.<p> values of every built-in attack
         other.check_values(**{p: getattr(a, p) for p in other.params})
+    if cfg.workers.participation < 1 and (cls.fixed_set or cls.needs_pipeline):
+        raise ConfigError(f"config key workers.participation: attack {a.name} models all n workers every round "
+                          f"({'it copies fixed honest workers' if cls.fixed_set else 'it runs the pipeline on all n rows'}); "
+                          f"set workers.participation=1 or choose another attack")
     if cls.fixed_set and a.rotate:
         raise ConfigError(f"config key attack.rotate: {a.name} copies fixed honest workers; "
                           f"use attack.rotate=false with it")

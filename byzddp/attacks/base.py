@@ -29,6 +29,12 @@ class AttackContext:
     # For attacks that learn from history (Attack.needs_previous): the update the server
     # broadcast at the previous step, identical on every rank; None before the first step.
     previous: Optional[torch.Tensor] = None
+    # workers.participation < 1: the workers drawn this round (`byzantine` holds only drawn
+    # ones, and n is their number); None: all n take part.
+    participants: Optional[List[int]] = None
+
+    def takes_part(self, worker: int) -> bool:
+        return self.participants is None or worker in self.participants
 
     @property
     def local_byzantine(self) -> List[int]:
@@ -37,21 +43,23 @@ class AttackContext:
 
     @property
     def honest_mask(self) -> torch.Tensor:
-        """(block,) bool on the rows' device: which local rows are honest (padding is not)."""
+        """(block,) bool on the rows' device: which local rows are honest and take part (padding
+        is not)."""
         mask = torch.zeros(self.rows.shape[0], dtype=torch.bool)
         for i, w in enumerate(self.workers):
-            mask[i] = w not in self.byzantine
+            mask[i] = w not in self.byzantine and self.takes_part(w)
         return mask.to(self.rows.device)
 
     @property
     def local_honest(self) -> List[torch.Tensor]:
         """The honest vectors hosted here, one (d,) view each, in worker order."""
-        return [self.rows[i] for i, w in enumerate(self.workers) if w not in self.byzantine]
+        return [self.rows[i] for i, w in enumerate(self.workers) if w not in self.byzantine and self.takes_part(w)]
 
     @property
     def honest(self) -> List[int]:
-        """Logical ids of every honest worker at this step."""
-        return [w for w in range(self.n) if w not in self.byzantine]
+        """Logical ids of every honest worker taking part in this step."""
+        everyone = range(self.n) if self.participants is None else self.participants
+        return [w for w in everyone if w not in self.byzantine]
 
     @property
     def d(self) -> int:
@@ -166,6 +174,7 @@ class Attack:
     positive: tuple = ()        # parameters that must be > 0
     needs_pipeline = False      # gets its own copy of the run's pipeline in ctx.pipeline
     needs_previous = False      # gets the previous step's update in ctx.previous
+    holds_data = False          # Byzantine workers hold a shard of the partition, as honest ones
 
     @classmethod
     def check_values(cls, **params) -> None:
@@ -188,9 +197,17 @@ class Attack:
     def check_rule(cls, rule: str, **params) -> None:
         """One-line ConfigError when the attack cannot run against aggregator.name=`rule`."""
 
+    def prepare(self, train_x: torch.Tensor, classes: int) -> None:
+        """Called once with the training images before the first step (the backdoor builds its
+        trigger here); a ConfigError names what the data cannot give the attack."""
+
     def labels(self, y: torch.Tensor, classes: int) -> torch.Tensor:
         """Labels a Byzantine worker trains on (honest ones always use the true labels)."""
         return y
+
+    def poison(self, x: torch.Tensor, y: torch.Tensor, classes: int):
+        """The batch (x, y) a Byzantine worker trains on: by default its own, with `labels`."""
+        return x, self.labels(y, classes)
 
     def forge(self, ctx: AttackContext) -> None:
         pass

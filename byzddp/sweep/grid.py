@@ -346,13 +346,17 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
 
     table = _mapping(path, "table", spec.get("table"))
     for k in table:
-        if k not in ("rows", "columns", "split", "metric"):
-            raise _err(path, f"table.{k}", "unknown key; valid: rows, columns, split, metric")
+        if k not in ("rows", "columns", "split", "metric", "also"):
+            raise _err(path, f"table.{k}", "unknown key; valid: rows, columns, split, metric, also")
+    also = table.get("also", [])
+    if not isinstance(also, list) or not all(isinstance(m, str) for m in also):
+        raise _err(path, "table.also", "expected a list of summary.json metrics, e.g. [final_attack_success_rate]")
     table = {
         "rows": _as_axes(path, "table.rows", table.get("rows", axis_names[:1]), axis_names),
         "columns": _as_axes(path, "table.columns", table.get("columns", axis_names[1:2]), axis_names),
         "split": _as_axes(path, "table.split", table.get("split"), axis_names),
         "metric": str(table.get("metric", "final_test_accuracy_last5")),
+        "also": list(also),     # more metrics, each in tables of its own after the metric's
     }
     plots = []
     raw_plots = spec.get("plots")

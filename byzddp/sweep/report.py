@@ -25,9 +25,11 @@ from byzddp.sweep.grid import where as where_
 from byzddp.sweep.runner import read_summary, status
 
 METRICS = ("final_test_accuracy", "final_test_accuracy_last5", "best_test_accuracy",
-           "final_test_loss", "steps", "wall_seconds", "byzantine_declared", "byzantine_real",
+           "final_test_loss", "final_attack_success_rate", "steps", "wall_seconds", "byzantine_declared", "byzantine_real",
            "attack", "config_hash")
 WORST = "worst case"
+# Metrics an attacker drives up: their worst case is the highest mean, not the lowest.
+HIGHER_IS_WORSE = ("final_test_loss", "final_attack_success_rate")
 
 
 @dataclass
@@ -116,12 +118,15 @@ class Table:
     columns: List[str]
     cells: Dict[Tuple[str, str], List[float]]   # metric values in %, one per seed
     attacks: List[str] = field(default_factory=list)  # the columns whose runs attack
+    higher_is_worse: bool = False                     # the metric's worst case is its highest
 
     def worst(self, row: str) -> Optional[Tuple[float, str]]:
-        """(lowest seed mean, its column) over this row's attack cells; None if none finished."""
+        """(worst seed mean, its column) over this row's attack cells: the lowest, or the highest
+        for a metric an attacker drives up; None if none finished."""
         means = [(sum(v) / len(v), c) for c in self.attacks
                  for v in [self.cells.get((row, c))] if v]
-        return min(means, key=lambda m: m[0]) if means else None
+        pick = max if self.higher_is_worse else min
+        return pick(means, key=lambda m: m[0]) if means else None
 
 
 def tables(sweep: Sweep, records: Sequence[Record], rows: Sequence[str], columns: Sequence[str],
@@ -168,7 +173,7 @@ def tables(sweep: Sweep, records: Sequence[Record], rows: Sequence[str], columns
         col_names = [show(c) for c in col_sets] + ([sweep.reference_label] if ref_col else [])
         title = ", ".join(f"{a} = {v}" for a, v in s.items())
         out.append(Table(title, row_names, col_names, cells,
-                         [c for c in col_names if c in attack_columns]))
+                         [c for c in col_names if c in attack_columns], metric in HIGHER_IS_WORSE))
     return out
 
 
@@ -192,15 +197,29 @@ def format_worst(worst: Optional[Tuple[float, str]]) -> str:
 def write_markdown(sweep: Sweep, records: List[Record]) -> Path:
     t = sweep.table
     done = sum(r.status == "done" for r in records)
+    metrics = [t["metric"], *t.get("also", [])]
     lines = [f"# Sweep {sweep.name}", "",
-             f"{t['metric']} in %, mean +- std over seeds {', '.join(map(str, sweep.seeds))} "
+             f"{' and '.join(metrics)} in %, mean +- std over seeds {', '.join(map(str, sweep.seeds))} "
              f"(sample std, n - 1); (k/n): only k of n seeds finished; -: none finished; "
-             f"{WORST}: the row's lowest mean under attack, and which. "
-             f"Runs finished: {done}/{len(records)}.", ""]
-    for table in tables(sweep, records, t["rows"], t["columns"], t["split"], t["metric"]):
+             f"{WORST}: the row's worst mean under attack (the lowest; the highest for "
+             f"{', '.join(HIGHER_IS_WORSE)}), and which. Runs finished: {done}/{len(records)}.", ""]
+    for metric in metrics:
+        if len(metrics) > 1:
+            lines += [f"## {metric}", ""]
+        lines += _metric_tables(sweep, records, metric, "###" if len(metrics) > 1 else "##")
+    unfinished = [r.run.id for r in records if r.status == "unfinished"]
+    if unfinished:
+        lines += [f"Started but not finished ({len(unfinished)}); logs in {sweep.out / 'logs'}:", ""]
+        lines += [f"- {i}" for i in unfinished] + [""]
+    return write_text(sweep.out / "results.md", "\n".join(lines))
+
+
+def _metric_tables(sweep: Sweep, records: List[Record], metric: str, heading: str) -> List[str]:
+    t, lines = sweep.table, []
+    for table in tables(sweep, records, t["rows"], t["columns"], t["split"], metric):
         if table.title:
-            lines += [f"## {table.title}", ""]
-        columns = [c or t["metric"] for c in table.columns] + ([WORST] if table.attacks else [])
+            lines += [f"{heading} {table.title}", ""]
+        columns = [c or metric for c in table.columns] + ([WORST] if table.attacks else [])
         lines.append("| " + " | ".join([", ".join(t["rows"]) or "sweep", *columns]) + " |")
         lines.append("|" + "---|" * (len(columns) + 1))
         for r in table.rows:
@@ -209,11 +228,7 @@ def write_markdown(sweep: Sweep, records: List[Record]) -> Path:
                 cells.append(format_worst(table.worst(r)))
             lines.append("| " + " | ".join([r or sweep.name, *cells]) + " |")
         lines.append("")
-    unfinished = [r.run.id for r in records if r.status == "unfinished"]
-    if unfinished:
-        lines += [f"Started but not finished ({len(unfinished)}); logs in {sweep.out / 'logs'}:", ""]
-        lines += [f"- {i}" for i in unfinished] + [""]
-    return write_text(sweep.out / "results.md", "\n".join(lines))
+    return lines
 
 
 def read_curve(run_dir: Path) -> Tuple[List[int], List[float]]:

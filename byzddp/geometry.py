@@ -197,3 +197,12 @@ def weighted_sum(w: Tensor, x: Tensor, good: Tensor, cols: Columns) -> Tensor:
         out[c] = w @ (torch.nan_to_num(piece, nan=0.0, posinf=0.0, neginf=0.0) if zero_bad else piece)
     return out
 
+
+def all_finite(t: Tensor) -> Tensor:
+    """torch.isfinite(t).all() as a 0-d device flag, in one cheap pass: NaN and Inf propagate
+    into a sum, and a float64 sum of float32 (or narrower) values cannot overflow (at most
+    3.4e38 each), so the sum is finite exactly when every value is. float64 input, whose sum
+    can overflow, takes the elementwise check."""
+    if t.dtype == torch.float64:
+        return torch.isfinite(t).all()
+    return torch.isfinite(t.sum(dtype=torch.float64))

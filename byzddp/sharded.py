@@ -27,7 +27,7 @@ from typing import List
 import torch
 
 from byzddp import streams
-from byzddp.geometry import Columns, grid_width
+from byzddp.geometry import Columns, all_finite, grid_width
 
 
 def chunk_bounds(num_chunks: int, world: int) -> List[tuple]:
@@ -92,5 +92,5 @@ class ShardedServer:
         outputs, groups = t.resampler(mine, generator, self.columns)
         part = self.rule.aggregate(outputs, self.columns, **t.rule_inputs(step))
         update = self.whole(part, t.payload[L.update])
-        self.rule.settle(torch.isfinite(update).all())
+        self.rule.settle(all_finite(update))
         t.finish_payload(update, tails, groups, step, byzantine, participants)

@@ -36,6 +36,7 @@ from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
 from byzddp.errors import ConfigError, NonFiniteError
 from byzddp.exchange import Exchange
+from byzddp.geometry import all_finite
 from byzddp.layout import RowLayout, Status
 
 
@@ -386,7 +387,7 @@ class Trainer:
         if len(participants) < self.n:
             ids = torch.tensor(participants)
             groups = [ids[g.long()] for g in groups]
-        bad = ~torch.isfinite(update).all()
+        bad = ~all_finite(update)
         if self.aggregator.selected is not None:
             self.count_selections(self.aggregator.selected, groups)
         p = self.payload

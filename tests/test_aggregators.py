@@ -663,3 +663,24 @@ def test_meamed_requires_an_honest_majority_after_pre_aggregation():
     with pytest.raises(ConfigError, match=r"aggregator meamed needs 2f'\+1 <= m.*2\*6\+1=13 > 10"):
         pipeline.validate(make_cfg("meamed", "s_replacement", s=3, n=10, f=2))
     assert pipeline.build(make_cfg("meamed", "s_replacement", n=10, f=2)).rule.f == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_is_the_elementwise_check_in_one_pass(dtype):
+    """geometry.all_finite against torch.isfinite(t).all(): NaN, +-Inf (also +Inf and -Inf
+    together, whose sum is NaN), the largest finite values (a float32 sum would overflow),
+    empty and 0-d tensors."""
+    from byzddp.geometry import all_finite
+    big = torch.finfo(dtype).max
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(1000, generator=g).to(dtype), torch.full((4096,), big, dtype=dtype),
+             torch.full((4096,), -big, dtype=dtype), torch.zeros(0, dtype=dtype), torch.tensor(1.5, dtype=dtype)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(1000, generator=g).to(dtype)
+        t[int(torch.randint(0, 1000, (1,), generator=g))] = bad
+        cases.append(t)
+    both = torch.zeros(10, dtype=dtype)
+    both[2], both[7] = float("inf"), -float("inf")
+    cases.append(both)
+    for t in cases:
+        assert bool(all_finite(t)) == bool(torch.isfinite(t).all()), t

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from byzddp.errors import NonFiniteError
-from byzddp.geometry import Columns, columns_of
+from byzddp.geometry import Columns, all_finite, columns_of
 
 
 def check_input(grads: Tensor, name: str) -> Tensor:
@@ -63,7 +63,7 @@ class Aggregator:
     @torch.no_grad()
     def __call__(self, grads: Tensor, **inputs) -> Tensor:
         out = self.aggregate(grads, **inputs)
-        if not bool(torch.isfinite(out).all()):
+        if not bool(all_finite(out)):
             raise NonFiniteError(self._non_finite_message(grads.shape[0]))
         return out
 
@@ -74,7 +74,7 @@ class Aggregator:
         self.selected = None
         out = self._aggregate(x, cols)
         if cols.is_whole and self.stateful:
-            self.settle(torch.isfinite(out).all())
+            self.settle(all_finite(out))
         return out
 
     def settle(self, finite: Tensor) -> None:

@@ -140,6 +140,9 @@ def test_local_steps_participation_and_backdoor_same_bits_on_1_2_4_ranks_and_res
     for nproc in (0, 2, 4):
         train([*common, f"log.dir={tmp_path / str(nproc)}", "log.name=r"], nproc=nproc)
         shas[nproc] = summary(tmp_path / str(nproc) / "r")["model_sha256"]
+    # sharded aggregation: each rank a column slice of the drawn workers' rows
+    train([*common, "train.exchange=sharded", f"log.dir={tmp_path / 'sharded'}", "log.name=r"], nproc=2)
+    shas["sharded"] = summary(tmp_path / "sharded" / "r")["model_sha256"]
     assert len(set(shas.values())) == 1, shas
     plain = tmp_path / "0" / "r"
     s = summary(plain)

@@ -36,7 +36,8 @@ class DataConfig:
     test_size: int = 1000           # mnist5k: digits held out as the test set (split=balanced)
     split: str = "balanced"         # mnist5k: balanced (test_size/10 per class) | official (the official code's files)
     sampling: str = "stream"        # stream: endless per-worker permutations | epoch: the official loaders' epochs
-    byzantine_data: str = "all"     # all: Byzantine workers sample the whole training set (paper)
+    byzantine_data: str = "all"     # all: Byzantine workers sample the whole training set (paper);
+                                    # own: a shard each (needs attack.rotate=true)
 
 
 @dataclass
@@ -120,21 +121,21 @@ class AttackConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
-    lr: float = 0.01
+    steps: int = 600                # rounds of the server (one update each)
+    lr: float = 0.01                # the server's (and the local steps') SGD learning rate
     momentum: float = 0.0           # server SGD momentum
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0       # server SGD weight decay
     lr_schedule: str = "constant"   # constant | cosine | step
     lr_decay_steps: List[int] = field(default_factory=list)  # step schedule milestones
     lr_decay: float = 0.1           # step schedule factor
     batch_size: int = 32            # per worker
     local_steps: int = 1            # K: local SGD steps per round; a worker sends its pseudo-gradient
                                     # (global - local) / (lr K), the mean of its K gradients
-    eval_every: int = 30
-    eval_batch_size: int = 1000
+    eval_every: int = 30            # steps between evaluations (and the last step)
+    eval_batch_size: int = 1000     # test examples per forward pass at evaluation
     check_every: int = 50           # replica checksum interval (0: off)
     checkpoint_every: int = 200     # steps between checkpoints (0: off)
-    keep_checkpoints: int = 2       # the newest, and one to fall back on
+    keep_checkpoints: int = 2       # checkpoints kept: the newest, and one to fall back on
     resume: str = "off"             # off | auto | path to a checkpoint
     device: str = "auto"            # auto | cpu | cuda
     backend: str = "auto"           # auto | gloo | nccl
@@ -145,18 +146,18 @@ class TrainConfig:
 
 @dataclass
 class LogConfig:
-    dir: str = "runs"
+    dir: str = "runs"               # where run folders go
     name: Optional[str] = None      # run folder name (derived from the config when absent)
     wandb: str = "off"              # off | offline | online
-    wandb_project: str = "byzddp"
-    wandb_group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    wandb_project: str = "byzddp"   # W&B project
+    wandb_group: Optional[str] = None  # W&B group (sweeps set it to the sweep's name)
+    tags: List[str] = field(default_factory=list)  # W&B tags
     progress: bool = True           # progress bar on rank 0
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0                   # the only source of randomness
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)

@@ -91,7 +91,7 @@ class ResamplingConfig:
 @dataclass
 class AttackConfig:
     name: str = "none"              # none | bitflip | labelflip | gaussian | nm | mimic | mimic2 | alie | ipm | ...
-                                    # (all: byzddp.attacks.ATTACKS; README "Attacks")
+                                    # (all: byzddp.attacks.ATTACKS; docs/attacks.md)
                                     # | package.module:Attack (docs/extending.md)
     args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in attack class
     count: Optional[int] = None     # real number of attackers (default: workers.byzantine)

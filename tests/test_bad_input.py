@@ -68,7 +68,7 @@ def test_run_name_cannot_leave_log_dir(capsys, tmp_path, name):
 
 
 def test_scientific_floats_are_floats(tmp_path):
-    # YAML 1.1 reads 1e-3 as a string; the README prints defaults written this way.
+    # YAML 1.1 reads 1e-3 as a string; the docs print defaults written this way.
     path = tmp_path / "c.yaml"
     path.write_text("train: {lr: 1e-3, weight_decay: 5E-4}\naggregator: {tau: 1e+1}\n")
     cfg = config.load(path, ["attack.sigma=2e2"])

@@ -5,7 +5,7 @@ ByzFL has no Bulyan.
 
 ByzFL takes numpy arrays (computed in float64) or torch tensors (cast to float32). We compare
 both ways: float64 to 1e-9, float32 to float32 rounding. Where the two differ by design, a test
-below pins the exact relation (README, "Definitions compared with ByzFL"):
+below pins the exact relation (docs/rules.md, "Definitions compared with ByzFL"):
   - Krum scores: ByzFL sums over the n-f-1 nearest others, the paper (and byzddp) over n-f-2,
     so byzddp krum(f) = ByzFL Krum(f+1); Multi-Krum likewise, byzddp multikrum(f-1, m=n-f) =
     ByzFL MultiKrum(f).

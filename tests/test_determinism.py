@@ -1,4 +1,4 @@
-"""The determinism promise as the README states it: same config, seed, thread count (train.threads),
+"""The determinism promise as docs/guarantees.md states it: same config, seed, thread count (train.threads),
 device kind and torch version -> the same model bits, however the run is launched or resumed."""
 import shutil
 

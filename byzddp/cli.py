@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -97,31 +99,49 @@ def main(argv=None) -> int:
         return _main(argv)
 
 
+def _error(message: str, code: int, show: bool = True) -> int:
+    """Print `error: <message>` (where `show`) and return `code`. Under torchrun, also put the
+    line in this rank's error file: torchrun's failure report, printed after all the ranks wrote,
+    then names it as the root cause instead of "To enable traceback see: ..."."""
+    line = f"error: {message}"
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")   # "" when torchrun keeps no files
+    if path:
+        # ErrorHandler.record_exception's format less "py_callstack", which the report would show
+        # in place of the message; the report picks the earliest timestamp (whole seconds).
+        data = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        try:
+            Path(path).write_text(json.dumps(data))
+        except OSError:
+            pass    # the report falls back to its generic line; ours is still printed
+    if show:
+        print(line, file=sys.stderr, flush=True)
+    return code
+
+
 def _main(argv) -> int:
     try:
         return run(argv)
     except ConfigError as e:
-        if _rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        # Every rank refuses the same config; rank 0 speaks for all. Under torchrun the first rank
+        # to fail gets the others killed, rank 0 maybe before it spoke: another rank speaks after
+        # a moment if still alive (rank 0 was slower, or the error is this rank's own); killed,
+        # it leaves no error file, so the report's root cause is rank 0's line.
+        later = _rank() != 0 and bool(os.environ.get("TORCHELASTIC_ERROR_FILE"))
+        if later:
+            time.sleep(2)
+        return _error(str(e), 2, show=_rank() == 0 or later)
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e), 2)
     except KeyboardInterrupt:
         # Interrupted outside fit (set-up, data loading), where SIGINT is not a stop request.
-        print(f"error: rank {_rank()}: interrupted outside training; no checkpoint was written",
-              file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _error(f"rank {_rank()}: interrupted outside training; no checkpoint was written",
+                      128 + signal.SIGINT)
     except Exception as e:
         from byzddp.errors import NonFiniteError
         from byzddp.io import OutputError
-        if isinstance(e, OutputError):
-            print(f"error: rank {_rank()}: {e}", file=sys.stderr)
-            return 1
         from byzddp.trainer import CollectiveError
-        if isinstance(e, (CollectiveError, NonFiniteError)):
-            print(f"error: rank {_rank()}: {e}", file=sys.stderr)
-            return 1
+        if isinstance(e, (OutputError, CollectiveError, NonFiniteError)):
+            return _error(f"rank {_rank()}: {e}", 1)
         raise
 
 

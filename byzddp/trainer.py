@@ -111,7 +111,6 @@ class Trainer:
         self.sharded = sharded.ShardedServer(self) if cfg.train.exchange == "sharded" else None
 
         self.step = 0
-        self.participants: List[int] = list(range(self.n))     # the last round's
         self.selection_counts = torch.zeros(self.n, dtype=torch.long, device=self.device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.history: List[dict] = []
@@ -419,7 +418,6 @@ class Trainer:
                             self.exchange, len(participants), self.f_declared, self.attack_pipeline,
                             self.previous_update, None if everyone else participants)
         self.attack.forge(ctx)
-        self.participants = participants
         if self.sharded is not None:   # all_to_all, the rule per slice, all_gather of the update
             self.sharded.step(step, byzantine, participants)
         else:                          # gather to rank 0, the rule, broadcast

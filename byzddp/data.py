@@ -56,8 +56,7 @@ def validate(cfg) -> None:
     if plugins.is_path(cfg.data.dataset):
         _plug_in_loader(cfg)
     elif cfg.data.args:
-        raise ConfigError(f"config key data.args: only a plug-in dataset (data.dataset=package.module:loader) "
-                          f"takes keywords; {cfg.data.dataset} is built in (remove data.args)")
+        raise plugins.built_in_args_error("data.dataset", "dataset", "loader", cfg.data.dataset)
     elif cfg.data.classes is not None:
         raise ConfigError(f"config key data.classes: only a plug-in dataset takes it; "
                           f"{cfg.data.dataset} knows its classes (remove data.classes)")

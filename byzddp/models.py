@@ -174,8 +174,7 @@ def validate(cfg) -> None:
     if plugins.is_path(cfg.model.name):
         plug_in(cfg)
     elif cfg.model.args:
-        raise ConfigError(f"config key model.args: only a plug-in model (model.name=package.module:factory) "
-                          f"takes keywords; {cfg.model.name} is built in (remove model.args)")
+        raise plugins.built_in_args_error("model.name", "model", "factory", cfg.model.name)
 
 
 def build(cfg, input_shape, classes: int) -> nn.Module:

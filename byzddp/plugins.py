@@ -64,6 +64,14 @@ def kind_error(key: str, name: str, expected: str, got: Any) -> ConfigError:
     return ConfigError(f"config key {key}: '{name}' is a {what}, not {expected}")
 
 
+def built_in_args_error(name_key: str, what: str, attr: str, name: str) -> ConfigError:
+    """The one line for keywords (`<section>.args`) given to a built-in `name` at `name_key`:
+    only a plug-in `what` (package.module:`attr`) takes them."""
+    args_key = name_key.split(".")[0] + ".args"
+    return ConfigError(f"config key {args_key}: only a plug-in {what} ({name_key}=package.module:{attr}) "
+                       f"takes keywords; {name} is built in (remove {args_key})")
+
+
 def _first_line(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [""])[0][:200]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

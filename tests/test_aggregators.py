@@ -219,6 +219,34 @@ def test_rfa_with_one_iteration_is_the_normalized_mean():
     torch.testing.assert_close(A.build("rfa", T=1)(x), want)
 
 
+def test_the_network_gives_the_wanted_ranks_for_every_row_count(monkeypatch):
+    """sorting.sorted_blocks on the CPU against torch.sort (NaN ranks as +Inf): every n from 1 to
+    40 (padding blocks skipped), all ranks or a few wanted ones (the last merge keeps one side of
+    a halving or both), ties, +-Inf and NaN (a NaN block is redone), in blocks of one column, of a
+    few, and all at once."""
+    g = torch.Generator().manual_seed(0)
+    for n in range(1, 41):
+        lo, hi = (n - 1) // 2, n // 2
+        wanted_sets = [None, (lo, hi), (0,), (n - 1,), tuple(sorted({0, n // 3, n - 1}))]
+        for kind in ("spread", "non-finite", "ties"):
+            x = torch.randn(n, 23, generator=g)
+            if kind == "non-finite":
+                for value in (math.nan, math.inf, -math.inf):
+                    x[torch.rand(n, 23, generator=g) < 0.1] = value
+            elif kind == "ties":
+                x = torch.randint(-2, 3, (n, 23), generator=g).float()
+            want = torch.sort(torch.nan_to_num(x, nan=math.inf, posinf=math.inf, neginf=-math.inf), dim=0).values
+            for block_bytes in (1, 64, 1 << 20):
+                monkeypatch.setattr(sorting, "_NETWORK_BYTES", block_bytes)
+                for wanted in wanted_sets:
+                    seen = 0
+                    for cols, s in sorting.sorted_blocks(x, None, wanted=wanted):
+                        for r in range(n) if wanted is None else wanted:
+                            assert torch.equal(s[r], want[r, cols]), (n, kind, block_bytes, wanted, r)
+                        seen += cols.stop - cols.start
+                    assert seen == 23
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", ["network", "sort transposed"])
 def test_every_order_statistic_kernel_follows_the_definition(kernel, device, monkeypatch):

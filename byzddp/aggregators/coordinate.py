@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from byzddp.aggregators.base import Aggregator, honest_majority
-from byzddp.aggregators.sorting import column_blocks, mean_closest_to_median, sorted_block, sum_rows
+from byzddp.aggregators.sorting import mean_closest_to_median, sorted_blocks, sum_rows
 from byzddp.geometry import Columns
 
 
@@ -42,9 +42,11 @@ class CoordinateMedian(Aggregator):
         n = x.shape[0]
         lo, hi = (n - 1) // 2, n // 2
         out = x.new_empty(x.shape[1])
-        for c in column_blocks(n, x, cols):
-            s = sorted_block(x[:, c], wanted=(lo, hi))
-            out[c] = s[lo] if lo == hi else (s[lo] + s[hi]) / 2
+        for c, s in sorted_blocks(x, cols, wanted=(lo, hi)):
+            if lo == hi:
+                out[c] = s[lo]
+            else:
+                torch.add(s[lo], s[hi], out=out[c]).div_(2)
         return out
 
 
@@ -84,8 +86,8 @@ class TrimmedMean(Aggregator):
         if 2 * b >= n:
             raise ValueError(f"aggregator trimmed_mean: b={b} trims all of the {n} rows; needs 2b < {n}")
         out = x.new_empty(x.shape[1])
-        for c in column_blocks(n, x, cols):
-            out[c] = sum_rows(sorted_block(x[:, c])[b:n - b]) / (n - 2 * b)
+        for c, s in sorted_blocks(x, cols):
+            out[c] = sum_rows(s[b:n - b]) / (n - 2 * b)
         return out
 
 
@@ -105,7 +107,6 @@ class MeanAroundMedian(Aggregator):
         if k < 1:
             raise ValueError(f"aggregator meamed: f={self.f} leaves no values among {n} rows")
         out = x.new_empty(x.shape[1])
-        for c in column_blocks(n, x, cols):
-            s = sorted_block(x[:, c])[:n].to(torch.float64)
-            out[c] = mean_closest_to_median(s, k).to(x.dtype)
+        for c, s in sorted_blocks(x, cols):
+            out[c] = mean_closest_to_median(s[:n].to(torch.float64), k).to(x.dtype)
         return out

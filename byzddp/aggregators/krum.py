@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from byzddp.aggregators.base import Aggregator
-from byzddp.aggregators.sorting import column_blocks, mean_closest_to_median, sorted_block
+from byzddp.aggregators.sorting import mean_closest_to_median, sorted_blocks
 from byzddp.geometry import Columns, pairwise_squared_distances
 
 
@@ -120,9 +120,8 @@ class Bulyan(Aggregator):
             alive[pick] = False
         self.selected = torch.stack(picks)
         out = x.new_empty(x.shape[1])
-        for cols_ in column_blocks(theta, x, cols):
-            s = sorted_block(x[:, cols_].index_select(0, self.selected))[:theta].to(torch.float64)
-            out[cols_] = mean_closest_to_median(s, beta).to(x.dtype)
+        for cols_, s in sorted_blocks(x, cols, index=self.selected):
+            out[cols_] = mean_closest_to_median(s[:theta].to(torch.float64), beta).to(x.dtype)
         return out
 
 

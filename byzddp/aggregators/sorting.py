@@ -4,7 +4,8 @@ as on the whole (used by cm, trimmed_mean and Bulyan).
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from functools import partial
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -15,70 +16,125 @@ from byzddp.geometry import Columns
 # On CPU a bitonic min/max network over the rows, on a GPU torch.sort of the transposed layout;
 # NaN ranks as +Inf (docs/design.md, "The bitonic network").
 _NETWORK_DEVICES = {"cpu"}  # device types that sort with the network
-_NETWORK_BYTES = 1 << 21    # one network block: padded rows x columns (about the L2 cache)
+_NETWORK_BYTES = 1 << 19    # one network buffer: padded rows x columns (both buffers within L2)
 
 
-def bitonic_sort(buf: Tensor, wanted: Optional[tuple] = None) -> Tensor:
-    """buf (N, c), N a power of two, sorted along dim 0 (buf is used as scratch). With `wanted`
-    row indices, the last merge only finishes the blocks that hold them (those rows are then
-    exact, the others not). Full layers write min and max into a second buffer (two ops, no copy)."""
-    N, c = buf.shape
-    alt = torch.empty_like(buf)
-    k = 2
-    while k <= N:
-        j = k // 2
-        while j >= 1:
-            if k < N:  # pairs of blocks of k rows: the first sorted up, the second down
-                v = buf.view(N // (2 * k), 2, k // (2 * j), 2, j, c)
-                o = alt.view(N // (2 * k), 2, k // (2 * j), 2, j, c)
-                torch.minimum(v[:, 0, :, 0], v[:, 0, :, 1], out=o[:, 0, :, 0])
-                torch.maximum(v[:, 0, :, 0], v[:, 0, :, 1], out=o[:, 0, :, 1])
-                torch.maximum(v[:, 1, :, 0], v[:, 1, :, 1], out=o[:, 1, :, 0])
-                torch.minimum(v[:, 1, :, 0], v[:, 1, :, 1], out=o[:, 1, :, 1])
-                buf, alt = alt, buf
-            elif wanted is None or j == N // 2:  # the last merge, all up
-                v, o = buf.view(N // (2 * j), 2, j, c), alt.view(N // (2 * j), 2, j, c)
-                torch.minimum(v[:, 0], v[:, 1], out=o[:, 0])
-                torch.maximum(v[:, 0], v[:, 1], out=o[:, 1])
-                buf, alt = alt, buf
-            else:      # only the blocks holding wanted rows, in place
-                v = buf.view(N // (2 * j), 2, j, c)
-                for blk in sorted({w // (2 * j) for w in wanted}):
-                    a, b = v[blk, 0], v[blk, 1]
-                    low = torch.minimum(a, b)
-                    torch.maximum(a, b, out=b)
-                    a.copy_(low)
-            j //= 2
-        k *= 2
-    return buf
+class Network:
+    """A bitonic sorting network over the rows of (n, c) blocks, planned once for blocks of up
+    to `width` columns: N = the power of two >= n rows, the n real ones first, then +Inf.
+
+    Every layer is a few torch.minimum / torch.maximum calls over strided views of two buffers
+    (bound once here, so a block costs only the kernels). Stage k sorts blocks of k rows, which
+    then hold exactly their original rows' values: a block of padding alone is all +Inf and is
+    skipped (both buffers keep +Inf there). With `wanted` ranks, the last merge only follows the
+    halves that hold them, with only the min or the max where only one side is wanted; the
+    wanted rows are then exact, the others not."""
+
+    def __init__(self, n: int, width: int, wanted: Optional[tuple], dtype, device):
+        self.n, self.width, self.wanted = n, width, wanted
+        self.N = 1 << max(n - 1, 0).bit_length()
+        self.buf = torch.empty(self.N, width, dtype=dtype, device=device)
+        self.alt = torch.empty_like(self.buf)
+        self.pad_from = min(self.N, -(-n // 2) * 2)     # the first layer writes alt's rows below
+        self.plans = {}
+
+    def _plan(self, c: int):
+        """(steps, result): the calls that sort columns [0, c), and the buffer that ends sorted."""
+        N, n = self.N, self.n
+        buf, alt = self.buf[:, :c], self.alt[:, :c]
+        steps = []
+
+        def op(fn, a, b, out):
+            steps.append(partial(fn, a, b, out=out))
+        k = 2
+        while k <= N:
+            j = k // 2
+            live = -(-n // k)        # k-blocks holding a real row; the later ones are padding alone
+            while j >= 1:
+                if k < N:            # pairs of k-blocks: the first sorted up, the second down
+                    v = buf.view(N // (2 * k), 2, k // (2 * j), 2, j, c)
+                    o = alt.view(N // (2 * k), 2, k // (2 * j), 2, j, c)
+                    up, down = (live + 1) // 2, live // 2
+                    op(torch.minimum, v[:up, 0, :, 0], v[:up, 0, :, 1], o[:up, 0, :, 0])
+                    op(torch.maximum, v[:up, 0, :, 0], v[:up, 0, :, 1], o[:up, 0, :, 1])
+                    if down:
+                        op(torch.maximum, v[:down, 1, :, 0], v[:down, 1, :, 1], o[:down, 1, :, 0])
+                        op(torch.minimum, v[:down, 1, :, 0], v[:down, 1, :, 1], o[:down, 1, :, 1])
+                    buf, alt = alt, buf
+                elif self.wanted is None or j == N // 2 and self._both(0, j):   # the last merge, all up
+                    v, o = buf.view(N // (2 * j), 2, j, c), alt.view(N // (2 * j), 2, j, c)
+                    op(torch.minimum, v[:, 0], v[:, 1], o[:, 0])
+                    op(torch.maximum, v[:, 0], v[:, 1], o[:, 1])
+                    buf, alt = alt, buf
+                else:                # only the blocks of 2j rows holding wanted ranks, in place
+                    v = buf.view(N // (2 * j), 2, j, c)
+                    for blk in sorted({w // (2 * j) for w in self.wanted}):
+                        a, b = v[blk, 0], v[blk, 1]
+                        low, high = self._sides(blk * 2 * j, j)
+                        if low and high:
+                            t = torch.empty_like(a)
+                            op(torch.minimum, a, b, t)
+                            op(torch.maximum, a, b, b)
+                            steps.append(partial(a.copy_, t))
+                        elif low:
+                            op(torch.minimum, a, b, a)
+                        else:
+                            op(torch.maximum, a, b, b)
+                j //= 2
+            k *= 2
+        return steps, buf
+
+    def _sides(self, start: int, j: int) -> tuple:
+        """Whether wanted ranks lie in rows [start, start+j) and in [start+j, start+2j)."""
+        return (any(start <= w < start + j for w in self.wanted),
+                any(start + j <= w < start + 2 * j for w in self.wanted))
+
+    def _both(self, start: int, j: int) -> bool:
+        return all(self._sides(start, j))
+
+    def sort(self, x: Tensor, index: Optional[Tensor] = None) -> Tensor:
+        """x (n, c) (or its rows `index`), c <= width: a buffer whose rows 0..n-1 hold each
+        column's values in ascending order (all, or the wanted ranks), valid until the next call."""
+        c = x.shape[1]
+        if c not in self.plans:
+            self.plans[c] = self._plan(c)
+        steps, result = self.plans[c]
+        n, buf = self.n, self.buf[:, :c]
+        for attempt in range(2):
+            buf[:n].copy_(x if index is None else x.index_select(0, index))
+            if attempt:
+                torch.nan_to_num_(buf[:n], nan=math.inf, posinf=math.inf, neginf=-math.inf)
+            buf[n:].fill_(math.inf)
+            self.alt[self.pad_from:, :c].fill_(math.inf)
+            for step in steps:
+                step()
+            # min and max carry a NaN to every exact rank; then again with NaN as +Inf (rare)
+            if attempt or not result[self.wanted[0] if self.wanted else 0].isnan().any():
+                return result
 
 
-def sorted_block(x: Tensor, wanted: Optional[tuple] = None) -> Tensor:
-    """x (n, c) -> a fresh tensor whose rows 0..n-1 hold each column's values in ascending order
-    (all of them, or only the `wanted` ranks; on a GPU always all)."""
-    n, c = x.shape
+def sorted_blocks(x: Tensor, cols: Columns, wanted: Optional[tuple] = None,
+                  index: Optional[Tensor] = None) -> Iterator[Tuple[slice, Tensor]]:
+    """(columns, sorted) for blocks of the held columns of x (n, d) (or of its rows `index`):
+    `sorted` holds each column's values in ascending order in rows 0..n-1 (all of them, or only
+    the `wanted` ranks; on a GPU always all), valid until the next block.
+
+    On CPU, blocks small enough for the network's buffers to stay in cache, cut without regard
+    to the grid: the order statistics are exact and the sums over ranks below run row by row
+    (elementwise), so every column comes out the same whatever block holds it. Elsewhere the
+    grid's chunks, sorted by torch.sort of the transposed layout."""
+    n = x.shape[0] if index is None else len(index)
     if x.device.type not in _NETWORK_DEVICES:
-        return torch.sort(x.T.contiguous(), dim=1).values.T
-    size = 1 << max(n - 1, 0).bit_length()
-    buf = torch.empty(size, c, dtype=x.dtype, device=x.device)
-    buf[:n].copy_(x)
-    buf[n:].fill_(math.inf)
-    torch.nan_to_num_(buf[:n], nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    return bitonic_sort(buf, wanted)
-
-
-def column_blocks(n: int, x: Tensor, cols: Columns) -> Iterator[slice]:
-    """Column blocks for the order statistics of n rows. On CPU, blocks of the held columns small
-    enough for a network block to stay in cache, cut without regard to the grid: the order
-    statistics are exact and the sums over ranks below run row by row (elementwise), so every
-    column comes out the same whatever block holds it. Elsewhere the grid's chunks."""
-    if x.device.type not in _NETWORK_DEVICES:
-        yield from cols.chunks()
+        for c in cols.chunks():
+            block = x[:, c] if index is None else x[:, c].index_select(0, index)
+            yield c, torch.sort(block.T.contiguous(), dim=1).values.T
         return
     size = 1 << max(n - 1, 0).bit_length()
-    width = max(1, _NETWORK_BYTES // (size * x.element_size()))
+    width = max(1, min(x.shape[1], _NETWORK_BYTES // (size * x.element_size())))
+    network = Network(n, width, wanted, x.dtype, x.device)
     for start in range(0, x.shape[1], width):
-        yield slice(start, min(start + width, x.shape[1]))
+        c = slice(start, min(start + width, x.shape[1]))
+        yield c, network.sort(x[:, c], index)
 
 
 def sum_rows(rows: Tensor) -> Tensor:

@@ -27,8 +27,9 @@ What each attack pays for on the wire (d = model size; nothing at all when no wo
     backdoor            no collective: Byzantine workers train on their own shards with a
                         trigger stamped on a share of each batch (byzddp/attacks/backdoor.py)
 
-Exact sums: `exact_sum` adds honest vectors as fixed-point 64-bit integers, so the sum is
-bit-identical for any number of ranks (see docs/design.md, "Exact sums of honest vectors").
+Exact sums: `exact_sum` adds honest vectors in fixed point (integers held exactly in float64),
+so the sum is bit-identical for any number of ranks (see docs/design.md, "Exact sums of honest
+vectors").
 
 Building: `build(name, **params)` makes an attack from its own parameters (each class lists
 them in `params`, keyword arguments with defaults, checked by its `check_values`);

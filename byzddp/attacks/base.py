@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -74,48 +74,139 @@ class AttackContext:
 # ---------------------------------------------------------------------------- exact sums
 
 EXP_FLOOR = -149            # float32's smallest subnormal is 2**-149: nothing below matters
-EXP_NONFINITE = 2000        # above any finite float64 exponent: marks inf/nan coordinates
+INTEGER_BITS = 52           # a float64 holds every integer below 2**53 exactly
+EXACT_BLOCK_BYTES = 1 << 20  # one block of float64 scratch (k vectors x columns), inside L2
+SPAN = 1 << 16              # columns an attack computes on at a time in one process
 
 
-def _pow2(e: torch.Tensor) -> torch.Tensor:
-    """2**e as float64, built from the exponent bits (exact; e within the normal range)."""
-    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+def column_spans(exchange, d: int) -> List[slice]:
+    """The column ranges an attack computes on in turn. Across ranks, all d at once, so that
+    each collective runs once. In one process the collectives are the identity and every step
+    is per column, so spans of SPAN columns give the same bits while a span's numbers stay in
+    cache from one step to the next."""
+    if not exchange.single:
+        return [slice(0, d)]
+    return [slice(s, min(s + SPAN, d)) for s in range(0, d, SPAN)]
+
+
+def _scale_for(field: torch.Tensor, headroom: int) -> torch.Tensor:
+    """Per column the power of two 2**((52 - headroom) - top) as float64, from the exponent field
+    E of the column's largest magnitude (largest < 2**top with top = E - 1022, at least EXP_FLOOR),
+    built from its bits."""
+    top_field = field.to(torch.int64).clamp_(min=EXP_FLOOR + 1022)
+    return (((2097 - headroom) - top_field) << 52).view(torch.float64)
+
+
+def exact_block_sum(fill: Callable[[slice, torch.Tensor], None], k: int, exchange, terms: int, cols: slice,
+                    device, largest: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The sum over all ranks of every rank's k vectors, on the columns `cols`, as float64,
+    bit-identical for any number of ranks. The vectors come block by block of columns:
+    fill(c, out) writes their columns c (within `cols`) into out, a (k, len(c)) float64 scratch
+    it may overwrite. `terms` bounds how many vectors there are in all (sets the headroom).
+    `largest`, when the caller knows it: this rank's largest magnitude per column of the values
+    fill writes, float64 (len(cols),), which it may overwrite (then each block is read once). A
+    column where any input is inf or nan comes out nan. Collective: a MAX all_reduce of an int32
+    and a SUM all_reduce of a float64 per column.
+
+    Each value is truncated toward zero to a multiple of 2**(top - 52 + headroom), top the
+    exponent of the column's largest magnitude over all ranks, so it is an integer-valued float64
+    below 2**(52 - headroom) in magnitude: any sum of up to `terms` of them is exact, in any
+    order, on any rank count (the SUM all_reduce too)."""
+    headroom = max(1, math.ceil(math.log2(max(terms, 2))))
+    lo, d = cols.start, cols.stop - cols.start
+    width = max(1, EXACT_BLOCK_BYTES // (8 * max(k, 1)))
+    blocks = [slice(s, min(s + width, d)) for s in range(0, d, width)] if k else []
+    scratch = torch.empty(k, width, dtype=torch.float64, device=device)
+    if largest is None:
+        largest = torch.zeros(d, dtype=torch.float64, device=device)
+        for c in blocks:
+            out = scratch[:, :c.stop - c.start]
+            fill(slice(lo + c.start, lo + c.stop), out)
+            torch.amax(out.abs_(), dim=0, out=largest[c])   # nan and inf propagate
+    # The exponent field of each column's largest magnitude (NaN as +Inf: 2047); MAX is exact.
+    field = (largest.nan_to_num_(nan=math.inf, posinf=math.inf).view(torch.int64) >> 52).to(torch.int32)
+    exchange.all_reduce_max(field)
+    scale = _scale_for(field, headroom)
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    for c in blocks:
+        out = scratch[:, :c.stop - c.start]
+        fill(slice(lo + c.start, lo + c.stop), out)
+        torch.sum(out.mul_(scale[c]).trunc_(), dim=0, out=total[c])
+    exchange.all_reduce_sum(total)
+    return total.div_(scale).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
 
 
 def exact_sum(vectors: List[torch.Tensor], exchange, terms: int, d: int, device) -> torch.Tensor:
-    """The sum over all ranks of every rank's `vectors`, as float64, bit-identical for any
-    number of ranks. `terms` bounds how many vectors there are in all (sets the headroom).
-    A coordinate where any input is inf or nan comes out nan. Collective."""
-    headroom = max(1, math.ceil(math.log2(max(terms, 2))))
-    largest = torch.zeros(d, dtype=torch.float64, device=device)
-    for v in vectors:                                   # row by row: no (k, d) temporaries
-        torch.maximum(largest, v.abs(), out=largest)    # nan and inf propagate
-    top = torch.frexp(largest).exponent                 # largest < 2**top
-    top = torch.where(largest > 0, top, torch.full_like(top, EXP_FLOOR)).clamp(min=EXP_FLOOR)
-    top = torch.where(torch.isfinite(largest), top, torch.full_like(top, EXP_NONFINITE))
-    exchange.all_reduce_max(top)
-    bad = top >= EXP_NONFINITE
-    shift = (62 - headroom) - top.clamp(max=1024).to(torch.int64)
-    scale = _pow2(shift)
-    total = torch.zeros(d, dtype=torch.int64, device=device)
-    for v in vectors:       # |v * scale| < 2**(62 - headroom); truncation toward zero
-        total += torch.nan_to_num(v * scale, nan=0.0, posinf=0.0, neginf=0.0).to(torch.int64)
-    exchange.all_reduce_sum(total)
-    out = total.to(torch.float64) * _pow2(-shift)
-    return out.masked_fill(bad, float("nan"))
+    """The sum over all ranks of every rank's `vectors` (each (d,)): exact_block_sum. Collective."""
+    def fill(c, out):
+        for i, v in enumerate(vectors):
+            out[i].copy_(v[c])
+    return exact_block_sum(fill, len(vectors), exchange, terms, slice(0, d), device)
 
 
-def honest_mean(ctx: AttackContext) -> torch.Tensor:
-    """Mean of the honest vectors (float64, on every rank). Collective."""
-    honest = ctx.local_honest
-    return exact_sum(honest, ctx.exchange, ctx.n, ctx.d, ctx.rows.device) / len(ctx.honest)
+@dataclass
+class HonestRows:
+    """This rank's honest rows, by blocks of columns: view(c) is their (k, len(c)) block, a view
+    of ctx.rows when they are consecutive rows (the usual case), a gathered copy otherwise."""
+    rows: torch.Tensor
+    positions: List[int]
+
+    @property
+    def k(self) -> int:
+        return len(self.positions)
+
+    def view(self, c: slice) -> torch.Tensor:
+        lo = self.positions[0]
+        if self.positions == list(range(lo, lo + self.k)):
+            return self.rows[lo:lo + self.k, c]
+        return self.rows[:, c].index_select(0, torch.tensor(self.positions, device=self.rows.device))
+
+    def fill(self, c: slice, out: torch.Tensor) -> None:
+        out.copy_(self.view(c))
+
+    def extremes(self, cols: slice) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(max, min) per column of `cols` over this rank's honest rows, float64 (NaN
+        propagates); None when it hosts none."""
+        if not self.k:
+            return None
+        block = self.view(cols)
+        return block.amax(0).double(), block.amin(0).double()
 
 
-def honest_std(ctx: AttackContext, mean: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise sample std (denominator h - 1, as torch.std) of the honest vectors."""
-    squares = [torch.sub(g, mean).square_() for g in ctx.local_honest]     # float64
-    total = exact_sum(squares, ctx.exchange, ctx.n, ctx.d, ctx.rows.device)
-    return (total / (len(ctx.honest) - 1)).sqrt()
+def honest_rows(ctx: AttackContext) -> HonestRows:
+    return HonestRows(ctx.rows, [i for i, w in enumerate(ctx.workers)
+                                 if w not in ctx.byzantine and ctx.takes_part(w)])
+
+
+def honest_mean(ctx: AttackContext, cols: Optional[slice] = None,
+                extremes: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Mean of the honest vectors (float64, on every rank), on the columns `cols` (default all).
+    `extremes`: this rank's honest (max, min) on those columns (HonestRows.extremes), when the
+    caller has them. Collective."""
+    cols = slice(0, ctx.d) if cols is None else cols
+    h = honest_rows(ctx)
+    largest = None if extremes is None else torch.maximum(extremes[0], -extremes[1])
+    total = exact_block_sum(h.fill, h.k, ctx.exchange, ctx.n, cols, ctx.rows.device, largest)
+    return total.div_(len(ctx.honest))
+
+
+def honest_std(ctx: AttackContext, mean: torch.Tensor, cols: Optional[slice] = None,
+               extremes: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Coordinate-wise sample std (denominator h - 1, as torch.std) of the honest vectors, on the
+    columns `cols` (default all; `mean` is on those columns). `extremes` as for honest_mean: the
+    largest square (g - mean)**2 is then at the max or the min of g (rounding is monotone), so
+    the rows are read once. Collective."""
+    cols = slice(0, ctx.d) if cols is None else cols
+    h = honest_rows(ctx)
+
+    def fill(c, out):   # (g - mean)**2 in float64
+        h.fill(c, out)
+        out.sub_(mean[c.start - cols.start:c.stop - cols.start]).square_()
+    largest = None
+    if extremes is not None:
+        largest = torch.maximum((extremes[0] - mean).square_(), (extremes[1] - mean).square_())
+    total = exact_block_sum(fill, h.k, ctx.exchange, ctx.n, cols, ctx.rows.device, largest)
+    return total.div_(len(ctx.honest) - 1).sqrt_()
 
 
 def copy_of(ctx: AttackContext, worker: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ from typing import List, Optional
 import torch
 
 from byzddp import streams
-from byzddp.attacks.base import (Attack, copy_of, exact_sum, honest_mean, honest_std,
-                                 require_positive)
+from byzddp.attacks.base import (Attack, column_spans, copy_of, exact_sum, honest_mean, honest_rows,
+                                 honest_std, require_positive)
 from byzddp.errors import ConfigError
 
 
@@ -84,8 +84,14 @@ class ALIE(Attack):
     def forge(self, ctx):
         if not ctx.byzantine:
             return
-        mean = honest_mean(ctx)
-        ctx.send(mean - self.z_for(ctx.n, len(ctx.byzantine)) * honest_std(ctx, mean))
+        z = self.z_for(ctx.n, len(ctx.byzantine))
+        rows = honest_rows(ctx)
+        out = torch.empty(ctx.d, dtype=ctx.rows.dtype, device=ctx.rows.device)
+        for c in column_spans(ctx.exchange, ctx.d):
+            extremes = rows.extremes(c)      # one read of the rows serves both sums
+            mean = honest_mean(ctx, c, extremes)
+            out[c] = mean - z * honest_std(ctx, mean, c, extremes)
+        ctx.send(out)
 
 
 class Mimic(Attack):

@@ -41,7 +41,8 @@ def measure(model: str, k: int, loop: bool, rounds: int) -> tuple:
         if r:
             workers.append(1e3 * (t1 - t0))
             whole.append(1e3 * (t2 - t1))
-    return statistics.median(whole), statistics.median(workers)
+    how = f"torch.func, chunks of {trainer.vectorized.chunk}" if trainer.vectorized else "one by one"
+    return statistics.median(whole), statistics.median(workers), how
 
 
 def main() -> None:
@@ -54,15 +55,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     ks = sorted({1, *(int(k) for k in args.k.split(","))})
-    print(f"torch {torch.__version__}, 1 thread, n = 10, batch 32, {'loop' if args.loop else 'vectorized'} workers\n")
-    print("| model | K | round ms | workers ms | rest ms | round / (K x round at K=1) | workers / (K x workers at K=1) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, 1 thread, n = 10, batch 32, "
+          f"{'workers.vectorize=false' if args.loop else 'the default workers.vectorize=true'}\n")
+    print("| model | workers | K | round ms | workers ms | rest ms | round / (K x round at K=1) "
+          "| workers / (K x workers at K=1) |")
+    print("|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         base = None
         for k in ks:
-            whole, work = measure(model, k, args.loop, args.rounds)
+            whole, work, how = measure(model, k, args.loop, args.rounds)
             base = base or (whole, work)
-            print(f"| {model} | {k} | {whole:.1f} | {work:.1f} | {whole - work:.1f} | "
+            print(f"| {model} | {how} | {k} | {whole:.1f} | {work:.1f} | {whole - work:.1f} | "
                   f"{whole / (k * base[0]):.2f} | {work / (k * base[1]):.2f} |", flush=True)
 
 

@@ -134,8 +134,12 @@ class Trainer:
         except workers.Unsupported as e:
             self.notes.append(f"workers computed one by one: {e}")
             return None
-        vec.chunk = w.chunk or workers.auto_chunk(self.n, self.d, self.nb, vec.activations, self.device.type,
-                                                  max(p.numel() for p in self.params))
+        vec.chunk = w.chunk or vec.automatic_chunk(self.n, self.device.type)
+        if not w.chunk and not workers.auto_chunk_pays(self.n, vec.chunk, self.device.type):
+            self.notes.append(f"workers computed one by one: on the CPU this model's activations leave "
+                              f"{vec.chunk} worker{'s' * (vec.chunk > 1)} a vectorized chunk, where the loop "
+                              f"is faster (workers.chunk forces vectorizing)")
+            return None
         how = "workers.chunk" if w.chunk else "auto, workers.chunk sets it"
         self.notes.append(f"workers vectorized with torch.func in chunks of {vec.chunk} ({how})")
         return vec
@@ -237,11 +241,13 @@ class Trainer:
     def gradients(self, jobs: List[workers.Job], step: int) -> None:
         """Each job's gradient, BatchNorm buffers and loss into its row: vectorized, or the loop."""
         L = self.layout
+        tried = self.vectorized is not None
         if self._vectorized(lambda: self.vectorized.compute(
                 jobs, step, self.rows[:, L.vector], self.rows[:, L.buffers] if self.nb else None,
                 self.rows[:, L.loss])):
             return
-        self.rows.zero_()   # backward accumulates into the rows
+        if tried:   # a failed first vectorized call may have written rows; backward accumulates into them
+            self.rows.zero_()
         replica_buffers = self._flat_buffers() if self.nb else None
         for job in jobs:
             i = job.row

@@ -38,6 +38,10 @@ from byzddp import streams
 # at every chunk: the mlp's first layer for 64 workers ran slower than the loop.
 CHUNK_BUDGET = {"cpu": 96 << 20, "cuda": 4 << 30}
 CPU_LARGEST_TENSOR = 32 << 20
+# On the CPU, torch.func's batched kernels lose to the loop when the budget leaves only a few
+# workers a chunk (measured, one thread: the cnn at its chunk of 2 takes 1.2-1.4x the loop's
+# time): there each worker's own compute dwarfs the per-worker overhead that vectorizing saves.
+CPU_MIN_CHUNK = 4
 FEATURE_DROPOUT = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}   # batched input dims
 
 
@@ -124,6 +128,12 @@ def auto_chunk(n: int, d: int, nb: int, activations: int, device_type: str, larg
     return -(-n // -(-n // cap))
 
 
+def auto_chunk_pays(n: int, chunk: int, device_type: str) -> bool:
+    """Whether an automatic chunk of `chunk` of the n workers is worth vectorizing: always off
+    the CPU; on the CPU only when it holds at least CPU_MIN_CHUNK workers (or all n)."""
+    return device_type != "cpu" or chunk >= min(n, CPU_MIN_CHUNK)
+
+
 class VectorizedWorkers:
     """Gradients, losses and BatchNorm buffers of many workers of one model, chunk by chunk."""
 
@@ -144,6 +154,12 @@ class VectorizedWorkers:
         # Local steps (train.local_steps > 1): every worker at its own parameters.
         self.grads_at_own = torch.func.vmap(torch.func.grad(loss_of, has_aux=True),
                                             in_dims=(0, 0, 0, 0, 0), randomness="error")
+
+    def automatic_chunk(self, n: int, device_type: str) -> int:
+        """auto_chunk for n workers of this model on `device_type`."""
+        params = [p.numel() for p in self.model.parameters()]
+        buffers = sum(b.numel() for b in self.model.buffers())
+        return auto_chunk(n, sum(params), buffers, self.activations, device_type, max(params))
 
     # ------------------------------------------------------------------ dropout
 

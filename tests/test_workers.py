@@ -202,6 +202,21 @@ def test_auto_chunk_is_a_function_of_the_config_and_bounds_memory():
     assert len(set(chunk.values())) == 1, chunk
 
 
+def test_on_the_cpu_a_chunk_of_a_few_workers_is_computed_one_by_one():
+    """The cnn at batch 32: its activations leave 2 of the 6 workers a chunk on the CPU, where the
+    loop is faster; the run says so and computes them one by one. workers.chunk forces
+    vectorizing; a chunk of 4, a chunk of all n, and every other device vectorize."""
+    assert not workers.auto_chunk_pays(6, 2, "cpu") and workers.auto_chunk_pays(6, 4, "cpu")
+    assert workers.auto_chunk_pays(3, 3, "cpu") and workers.auto_chunk_pays(25, 1, "cuda")
+    args = [*BASE, "model.name=cnn", "train.batch_size=32"]
+    auto = trainer_for(args)
+    assert auto.vectorized is None
+    assert auto.notes == ["workers computed one by one: on the CPU this model's activations leave 2 workers "
+                          "a vectorized chunk, where the loop is faster (workers.chunk forces vectorizing)"]
+    forced = trainer_for([*args, "workers.chunk=2"])
+    assert forced.vectorized is not None and forced.vectorized.chunk == 2
+
+
 def test_workers_chunk_must_be_positive():
     with pytest.raises(ConfigError, match="workers.chunk"):
         config.load(None, ["workers.chunk=0"])

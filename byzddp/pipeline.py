@@ -82,9 +82,11 @@ def validate(cfg) -> Pipeline:
     n = rounds.workers_per_round(cfg)
     sampled = (f" (workers.participation={w.participation:g}: {n} of the n={w.n} workers a round, "
                f"all f={w.byzantine} Byzantine ones in the worst)") if n < w.n else ""
-    if sampled and w.byzantine >= n:
-        raise ConfigError(f"config key workers.participation: a round of {n} workers could be all Byzantine"
-                          f"{sampled}; raise workers.participation or lower workers.byzantine")
+    attackers = max(w.byzantine, attacks.real_f(cfg))     # attack.count may exceed the declared f
+    if sampled and attackers >= n:
+        raise ConfigError(f"config key workers.participation: a round of {n} workers could be all Byzantine "
+                          f"({attackers} of the n={w.n} workers are, workers.participation={w.participation:g}); "
+                          f"raise workers.participation or lower workers.byzantine (and attack.count)")
     resampling.check(r.name, r.s, n, w.byzantine, tau=r.tau)
     if plugins.is_path(a.name):
         cls = aggregators.rule_class(a.name)
@@ -104,6 +106,8 @@ def validate(cfg) -> Pipeline:
             raise ConfigError(f"config key aggregator.{key}: {problem}, got {value!r}")
     p = build(cfg)
     cls = type(p.rule)
+    if issubclass(cls, aggregators.FunctionRule):
+        cls.probe(p.m)
     params = cls.resolve(_given(cfg, cls), p.m, p.fp)
     if "designated" in cls.params:
         _check_designated(cfg, params["designated"])

@@ -303,13 +303,15 @@ def test_no_attack_success_rate_where_the_trigger_cannot_be_stamped(monkeypatch)
     (["workers.participation=0"], "workers.participation"),
     (["workers.participation=1.5"], "workers.participation"),
     (["workers.n=10", "workers.byzantine=2", "workers.participation=0.2"], "workers.participation"),
+    (["workers.n=10", "workers.byzantine=1", "attack.name=bitflip", "attack.count=5", "workers.participation=0.3"],
+     "workers.participation"),
     (["workers.n=10", "workers.byzantine=2", "workers.participation=0.5", "aggregator.name=krum"],
      "workers.participation"),
     (["workers.participation=0.5", "attack.name=mimic"], "workers.participation"),
     (["workers.participation=0.5", "aggregator.name=monna", "attack.name=none"], "workers.participation"),
     (["attack.name=backdoor", "attack.poison_fraction=0"], "attack.poison_fraction"),
     (["attack.name=backdoor", "attack.boost=0"], "attack.boost"),
-], ids=["K0", "q0", "q1.5", "all-byzantine-round", "rule-needs-more-rows", "mimic", "monna",
+], ids=["K0", "q0", "q1.5", "all-byzantine-round", "all-attacking-round", "rule-needs-more-rows", "mimic", "monna",
         "poison0", "boost0"])
 def test_bad_input_is_one_line_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

@@ -20,6 +20,9 @@ ATTACK = "examples.my_attack:ScaledReversal"
 # the example rule class.
 ALL_PLUGINS = [*TINY, f"model.name={MODEL}", "model.args.width=4", f"aggregator.name={RULE_CLS}",
                "resampling.name=none", f"attack.name={ATTACK}", "attack.args.scale=3", "log.wandb=off"]
+# The others: the example dataset (feature vectors, so the default mlp) and the function rule.
+DATA_PLUGINS = [*TINY, f"data.dataset={DATASET}", "data.args.classes=3", "data.partition=iid",
+                f"aggregator.name={RULE_FN}", "log.wandb=off"]
 
 
 @pytest.fixture(autouse=True)
@@ -147,6 +150,10 @@ BAD = textwrap.dedent("""
             return grads.mean(0)
     def loader_of_garbage(root):
         return 42
+    def rule_of_rows(grads):
+        return grads
+    def rule_that_fails(grads):
+        raise RuntimeError("no rows today")
 """)
 
 
@@ -159,6 +166,10 @@ BAD = textwrap.dedent("""
     ("attack.name=badplugins:NotAnAttack", "config key attack.name: 'badplugins:NotAnAttack' is a NotAnAttack, not a subclass"),
     ("attack.name=badplugins:NOT_CALLABLE", "config key attack.name: .* not a subclass of byzddp.attacks.Attack"),
     ("aggregator.name=badplugins:NotARule", "config key aggregator.name: .* not a function"),
+    ("aggregator.name=badplugins:rule_of_rows",
+     "config key aggregator.name: .* maps rows of shape \\(8, 3\\) to shape \\(8, 3\\); it must return a \\(3,\\) tensor"),
+    ("aggregator.name=badplugins:rule_that_fails",
+     "config key aggregator.name: .* fails on rows of shape \\(8, 3\\): RuntimeError: no rows today"),
     ("data.dataset=badplugins:NOT_CALLABLE", "config key data.dataset: .* not a callable"),
     ("data.dataset=badplugins:loader_of_garbage", "config key data.dataset: .* not a loader of \\(train, test\\)"),
     ("model.name=badplugins:a:b", "config key model.name: 'badplugins:a:b' is not an import path"),
@@ -194,10 +205,11 @@ def test_a_plain_function_rule_refuses_sharded_aggregation():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_plugins_give_the_same_model_on_1_2_and_4_ranks(tmp_path):
+@pytest.mark.parametrize("plugins", [ALL_PLUGINS, DATA_PLUGINS], ids=["model-rule-class-attack", "dataset-rule-function"])
+def test_plugins_give_the_same_model_on_1_2_and_4_ranks(tmp_path, plugins):
     shas = []
     for nproc in (1, 2, 4):
-        train([*ALL_PLUGINS, f"log.dir={tmp_path}", f"log.name=r{nproc}", "train.threads=1"], nproc=nproc)
+        train([*plugins, f"log.dir={tmp_path}", f"log.name=r{nproc}", "train.threads=1"], nproc=nproc)
         shas.append(summary(tmp_path / f"r{nproc}")["model_sha256"])
     assert shas[0] == shas[1] == shas[2]
 
@@ -235,8 +247,9 @@ def test_vectorized_workers_take_a_plugin_model_or_fall_back_to_the_loop_with_a_
 
 
 @pytest.mark.slow
-def test_a_run_with_plugins_resumes_exactly(tmp_path):
-    common = [*ALL_PLUGINS, "train.steps=8", "train.eval_every=4", "train.checkpoint_every=4", "workers.momentum=0.9"]
+@pytest.mark.parametrize("plugins", [ALL_PLUGINS, DATA_PLUGINS], ids=["model-rule-class-attack", "dataset-rule-function"])
+def test_a_run_with_plugins_resumes_exactly(tmp_path, plugins):
+    common = [*plugins, "train.steps=8", "train.eval_every=4", "train.checkpoint_every=4", "workers.momentum=0.9"]
     train([*common, f"log.dir={tmp_path}", "log.name=full"])
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)

@@ -145,6 +145,21 @@ class FunctionRule(Aggregator):
     function = None     # set on the subclass plug_in makes
     sharded = False
 
+    @classmethod
+    def probe(cls, m: int) -> None:
+        """One call on (m, 3) seeded rows before the run: a function that fails on them or does
+        not return a (3,) tensor is one line naming the key, not an error inside the first step."""
+        x = torch.randn(m, 3, generator=torch.Generator().manual_seed(0))
+        try:
+            out = cls.function(x)
+        except Exception as e:
+            raise ConfigError(f"config key aggregator.name: '{cls.name}' fails on rows of shape ({m}, 3): "
+                              f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
+        if not isinstance(out, torch.Tensor) or out.shape != (3,):
+            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise ConfigError(f"config key aggregator.name: '{cls.name}' maps rows of shape ({m}, 3) to {got}; "
+                              f"it must return a (3,) tensor, one value per column")
+
     def _aggregate(self, x, cols):
         out = type(self).function(x)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape[1:]:

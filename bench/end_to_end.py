@@ -19,11 +19,13 @@ each side in a fresh process; the median over --rounds rounds is printed:
 
 - byzddp: `trainer.train_step()` of a Trainer built in-process as bench/workers.py does
   (config.load(None, overrides), Trainer(cfg, distributed.setup(cfg)); world size 1, so the
-  gather and broadcast are local), with the default vectorized workers (torch.func) and with
-  workers.vectorize=false (the loop). The split comes from wrapping, on the instance, the
-  methods train_step calls: trainer.worker_rows (the honest workers' gradients; ALIE needs
-  none for the Byzantine workers), attack.forge, trainer.server_step (the median) and
-  trainer.apply (the optimizer step); "other" is what is left of train_step.
+  gather and broadcast are local), three ways: the default (workers.vectorize=true; on the CPU
+  the cnn's activations leave 2 workers a vectorized chunk, so its workers run one by one),
+  workers.vectorize=false (the loop, chosen explicitly), and torch.func forced with
+  workers.chunk=2. The split comes from wrapping, on the instance, the methods train_step
+  calls: trainer.worker_rows (the honest workers' gradients; ALIE needs none for the Byzantine
+  workers), attack.forge, trainer.server_step (the median) and trainer.apply (the optimizer
+  step); "other" is what is left of train_step.
 - ByzFL (0.0.11, its own classes, wired as byzfl/benchmark/train.py's DSGD branch): one
   `Client` per honest worker with its own DataLoader (Subset of the shard, batch 32,
   shuffle=True, as DataDistributor.idx_to_dataloaders builds them), `ByzantineClient` with
@@ -63,19 +65,23 @@ WARMUP = 2
 clock = time.process_time
 
 
-def overrides(n: int, f: int, vectorize: bool) -> list:
+# The byzddp runs: the default, the loop, and torch.func forced.
+MODES = {"default": [], "loop": ["workers.vectorize=false"], "torch.func": ["workers.chunk=2"]}
+
+
+def overrides(n: int, f: int, mode: str = "default") -> list:
     return ["data.dataset=mnist5k", "data.partition=sorted", "model.name=cnn", f"workers.n={n}",
             f"workers.byzantine={f}", "workers.momentum=0.0", "attack.name=alie", "aggregator.name=cm",
             "resampling.name=none", "train.batch_size=32", "train.lr=0.01", "train.momentum=0.0",
-            "train.weight_decay=0.0", "train.device=cpu", "train.threads=1",
-            f"workers.vectorize={str(vectorize).lower()}", "log.progress=false"]
+            "train.weight_decay=0.0", "train.device=cpu", "train.threads=1", "log.progress=false",
+            *MODES[mode]]
 
 
-def build_trainer(n: int, f: int, vectorize: bool):
+def build_trainer(n: int, f: int, mode: str = "default"):
     from byzddp import config, distributed
     from byzddp.trainer import Trainer
 
-    cfg = config.load(None, overrides(n, f, vectorize))
+    cfg = config.load(None, overrides(n, f, mode))
     return Trainer(cfg, distributed.setup(cfg))
 
 
@@ -90,10 +96,10 @@ def timed(parts: dict, key: str, fn):
     return wrapper
 
 
-def run_byzddp(n: int, f: int, vectorize: bool, rounds: int) -> dict:
+def run_byzddp(n: int, f: int, mode: str, rounds: int) -> dict:
     import torch
 
-    trainer = build_trainer(n, f, vectorize)
+    trainer = build_trainer(n, f, mode)
     keys = ("grads", "attack", "aggregate", "apply")
     parts = dict.fromkeys(keys, 0.0)
     trainer.worker_rows = timed(parts, "grads", trainer.worker_rows)
@@ -113,7 +119,7 @@ def run_byzddp(n: int, f: int, vectorize: bool, rounds: int) -> dict:
             row["other"] = row["total"] - sum(row[key] for key in keys)
             rows.append(row)
     loss = float(trainer.payload[trainer.layout.train_loss])
-    return {"side": "byzddp", "vectorize": vectorize, "d": trainer.d, "threads": torch.get_num_threads(),
+    return {"side": "byzddp", "mode": mode, "d": trainer.d, "threads": torch.get_num_threads(),
             "chunk": trainer.vectorized.chunk if trainer.vectorized else None,
             "notes": trainer.notes, "last_loss": loss,
             "ms": {key: statistics.median(r[key] for r in rows) for key in rows[0]}}
@@ -131,7 +137,7 @@ def run_byzfl(n: int, f: int, rounds: int) -> dict:
 
     # The byzddp cnn under a name ByzFL's ModelBaseInterface finds: getattr(models, name)().
     byzfl_models.byzddp_cnn = MnistCNN
-    trainer = build_trainer(n, f, True)   # for its data, shards and initial weights only
+    trainer = build_trainer(n, f)   # for its data, shards and initial weights only
     cfg, ds = trainer.cfg, trainer.ds
     byzantine = set(attacks.byzantine_set(cfg, 0))
     honest = [w for w in range(n) if w not in byzantine]
@@ -191,7 +197,7 @@ def one(which: str, n: int, f: int, rounds: int) -> dict:
     torch.set_num_threads(1)
     if which == "byzfl":
         return run_byzfl(n, f, rounds)
-    return run_byzddp(n, f, which == "vectorized", rounds)
+    return run_byzddp(n, f, which, rounds)
 
 
 def main():
@@ -199,7 +205,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--n", type=int, default=25)
     ap.add_argument("--f", type=int, default=5)
-    ap.add_argument("--one", choices=("vectorized", "loop", "byzfl"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=(*MODES, "byzfl"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.n, args.f, args.rounds)))
@@ -212,7 +218,7 @@ def main():
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     res = {}
-    for which in ("vectorized", "loop", "byzfl"):
+    for which in (*MODES, "byzfl"):
         cmd = [sys.executable, __file__, "--one", which, "--n", str(args.n), "--f", str(args.f),
                "--rounds", str(args.rounds)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -220,31 +226,33 @@ def main():
             sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
         res[which] = json.loads(out.stdout.strip().splitlines()[-1])
 
-    v, lp, b = res["vectorized"], res["loop"], res["byzfl"]
-    print(f"torch {torch.__version__}, byzfl {version('byzfl')}, "
-          f"threads {v['threads']}/{lp['threads']}/{b['threads']} (byzddp vectorized/loop, ByzFL), "
-          f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, clock: process CPU time")
-    print(f"task: mnist5k, cnn (d = {v['d']:,}; ByzFL's copy d = {b['d']:,}), n = {args.n}, f = {args.f}, "
-          f"sorted shards for the {args.n - args.f} honest workers, batch 32, ALIE (z = {b['z']:.4f}), "
-          f"median, SGD lr 0.01, cpu")
+    b = res["byzfl"]
+    ours = {mode: res[mode] for mode in MODES}
+    threads = "/".join(str(r["threads"]) for r in res.values())
+    print(f"torch {torch.__version__}, byzfl {version('byzfl')}, threads {threads} "
+          f"({', '.join(MODES)}, ByzFL), OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, clock: process CPU time")
+    print(f"task: mnist5k, cnn (d = {ours['default']['d']:,}; ByzFL's copy d = {b['d']:,}), n = {args.n}, "
+          f"f = {args.f}, sorted shards for the {args.n - args.f} honest workers, batch 32, ALIE "
+          f"(z = {b['z']:.4f}), median, SGD lr 0.01, cpu")
     print(f"rounds: {args.rounds} timed after {WARMUP} warm-up, median ms per round; each side in its own process")
     print("model in ByzFL: byzddp.models.MnistCNN registered as byzfl.fed_framework.models.byzddp_cnn")
     print("deviation: ByzFL's DataLoaders index in-memory normalised tensors (its benchmark decodes "
           "torchvision MNIST per example)")
     print()
-    print("| side | ms/round | byzddp / ByzFL |")
-    print("|---|---|---|")
-    print(f"| byzddp vectorized (chunk {v['chunk']}) | {v['ms']['total']:.1f} | {v['ms']['total'] / b['ms']['total']:.2f} |")
-    print(f"| byzddp loop | {lp['ms']['total']:.1f} | {lp['ms']['total'] / b['ms']['total']:.2f} |")
-    print(f"| ByzFL | {b['ms']['total']:.1f} | 1.00 |")
+    print("| side | workers | ms/round | byzddp / ByzFL |")
+    print("|---|---|---|---|")
+    for mode, r in ours.items():
+        how = f"torch.func, chunks of {r['chunk']}" if r["chunk"] else "one by one"
+        print(f"| byzddp {mode} | {how} | {r['ms']['total']:.1f} | {r['ms']['total'] / b['ms']['total']:.2f} |")
+    print(f"| ByzFL | one by one | {b['ms']['total']:.1f} | 1.00 |")
     print()
     print("byzddp's round, split (median ms of each part; total is the median of the sums):")
     print("| mode | workers' gradients (worker_rows) | attack.forge | server_step (median) | apply (SGD) "
           "| other | rest (total - gradients) | total | gradients share |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in (("vectorized", v), ("loop", lp)):
+    for mode, r in ours.items():
         m = r["ms"]
-        print(f"| {name} | {m['grads']:.1f} | {m['attack']:.1f} | {m['aggregate']:.1f} | {m['apply']:.1f} | "
+        print(f"| {mode} | {m['grads']:.1f} | {m['attack']:.1f} | {m['aggregate']:.1f} | {m['apply']:.1f} | "
               f"{m['other']:.1f} | {m['total'] - m['grads']:.1f} | {m['total']:.1f} | "
               f"{100 * m['grads'] / m['total']:.0f}% |")
     print()
@@ -256,10 +264,11 @@ def main():
     print(f"| {m['grads']:.1f} | {m['flatten']:.1f} | {m['attack']:.1f} | {m['aggregate_step']:.1f} | "
           f"{m['sync']:.1f} | {m['total']:.1f} |")
     print()
-    print(f"last round's honest train loss: byzddp vectorized {v['last_loss']:.3f}, loop {lp['last_loss']:.3f}, "
-          f"ByzFL {b['last_loss']:.3f}")
-    for note in v["notes"] + lp["notes"]:
-        print(f"byzddp note: {note}")
+    losses = ", ".join(f"{mode} {r['last_loss']:.3f}" for mode, r in ours.items())
+    print(f"last round's honest train loss: byzddp {losses}, ByzFL {b['last_loss']:.3f}")
+    for mode, r in ours.items():
+        for note in r["notes"]:
+            print(f"byzddp note ({mode}): {note}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class WorkersConfig:
     n: int = 10                     # logical workers
     byzantine: int = 2              # f: declared Byzantine workers (what the rule is told)
     momentum: float = 0.0           # worker momentum beta: m <- beta m + g
-    vectorize: bool = True          # a rank's workers' gradients at once (torch.func; on the CPU only from 4 a chunk); false: one by one
+    vectorize: bool = True          # a rank's workers' gradients at once (torch.func; on the CPU from 4 a chunk); false: one by one
     chunk: Optional[int] = None     # workers per vectorized chunk (default: all n within a memory budget)
     participation: float = 1.0      # q: each round a seeded round(q n) of the n workers take part
 

@@ -31,7 +31,7 @@ class Network:
     wanted rows are then exact, the others not."""
 
     def __init__(self, n: int, width: int, wanted: Optional[tuple], dtype, device):
-        self.n, self.width, self.wanted = n, width, wanted
+        self.n, self.wanted = n, wanted
         self.N = 1 << max(n - 1, 0).bit_length()
         self.buf = torch.empty(self.N, width, dtype=dtype, device=device)
         self.alt = torch.empty_like(self.buf)
@@ -61,7 +61,7 @@ class Network:
                         op(torch.maximum, v[:down, 1, :, 0], v[:down, 1, :, 1], o[:down, 1, :, 0])
                         op(torch.minimum, v[:down, 1, :, 0], v[:down, 1, :, 1], o[:down, 1, :, 1])
                     buf, alt = alt, buf
-                elif self.wanted is None or j == N // 2 and self._both(0, j):   # the last merge, all up
+                elif self.wanted is None or (j == N // 2 and self._both(0, j)):   # the last merge, all up
                     v, o = buf.view(N // (2 * j), 2, j, c), alt.view(N // (2 * j), 2, j, c)
                     op(torch.minimum, v[:, 0], v[:, 1], o[:, 0])
                     op(torch.maximum, v[:, 0], v[:, 1], o[:, 1])

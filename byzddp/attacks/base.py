@@ -90,11 +90,11 @@ def column_spans(exchange, d: int) -> List[slice]:
 
 
 def _scale_for(field: torch.Tensor, headroom: int) -> torch.Tensor:
-    """Per column the power of two 2**((52 - headroom) - top) as float64, from the exponent field
-    E of the column's largest magnitude (largest < 2**top with top = E - 1022, at least EXP_FLOOR),
-    built from its bits."""
-    top_field = field.to(torch.int64).clamp_(min=EXP_FLOOR + 1022)
-    return (((2097 - headroom) - top_field) << 52).view(torch.float64)
+    """Per column the power of two 2**((52 - headroom) - top) as float64, built from its exponent
+    bits; `field` is the exponent field E of the column's largest magnitude, which is below
+    2**(E - 1022), so top = E - 1022 (at least EXP_FLOOR)."""
+    top = field.to(torch.int64).clamp_(min=EXP_FLOOR + 1022) - 1022
+    return ((INTEGER_BITS - headroom - top + 1023) << 52).view(torch.float64)
 
 
 def exact_block_sum(fill: Callable[[slice, torch.Tensor], None], k: int, exchange, terms: int, cols: slice,
@@ -144,22 +144,20 @@ def exact_sum(vectors: List[torch.Tensor], exchange, terms: int, d: int, device)
     return exact_block_sum(fill, len(vectors), exchange, terms, slice(0, d), device)
 
 
-@dataclass
 class HonestRows:
     """This rank's honest rows, by blocks of columns: view(c) is their (k, len(c)) block, a view
-    of ctx.rows when they are consecutive rows (the usual case), a gathered copy otherwise."""
-    rows: torch.Tensor
-    positions: List[int]
+    of the rows when they are consecutive (the usual case), a gathered copy otherwise."""
 
-    @property
-    def k(self) -> int:
-        return len(self.positions)
+    def __init__(self, rows: torch.Tensor, positions: List[int]):
+        self.rows, self.k = rows, len(positions)
+        self.start = positions[0] if positions else 0
+        consecutive = positions == list(range(self.start, self.start + self.k))
+        self.index = None if consecutive else torch.tensor(positions, device=rows.device)
 
     def view(self, c: slice) -> torch.Tensor:
-        lo = self.positions[0]
-        if self.positions == list(range(lo, lo + self.k)):
-            return self.rows[lo:lo + self.k, c]
-        return self.rows[:, c].index_select(0, torch.tensor(self.positions, device=self.rows.device))
+        if self.index is None:
+            return self.rows[self.start:self.start + self.k, c]
+        return self.rows[:, c].index_select(0, self.index)
 
     def fill(self, c: slice, out: torch.Tensor) -> None:
         out.copy_(self.view(c))

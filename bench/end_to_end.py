@@ -23,8 +23,8 @@ each side in a fresh process; the median over --rounds rounds is printed:
   the cnn's activations leave 2 workers a vectorized chunk, so its workers run one by one),
   workers.vectorize=false (the loop, chosen explicitly), and torch.func forced with
   workers.chunk=2. The split comes from wrapping, on the instance, the methods train_step
-  calls: trainer.worker_rows (the honest workers' gradients; ALIE needs none for the Byzantine
-  workers), attack.forge, trainer.server_step (the median) and trainer.apply (the optimizer
+  calls: trainer.client.compute_rows (the honest workers' gradients; ALIE needs none for the Byzantine
+  workers), attack.forge, trainer.server.aggregate (the median) and trainer.apply (the optimizer
   step); "other" is what is left of train_step.
 - ByzFL (0.0.11, its own classes, wired as byzfl/benchmark/train.py's DSGD branch): one
   `Client` per honest worker with its own DataLoader (Subset of the shard, batch 32,
@@ -102,9 +102,9 @@ def run_byzddp(n: int, f: int, mode: str, rounds: int) -> dict:
     trainer = build_trainer(n, f, mode)
     keys = ("grads", "attack", "aggregate", "apply")
     parts = dict.fromkeys(keys, 0.0)
-    trainer.worker_rows = timed(parts, "grads", trainer.worker_rows)
+    trainer.client.compute_rows = timed(parts, "grads", trainer.client.compute_rows)
     trainer.attack.forge = timed(parts, "attack", trainer.attack.forge)
-    trainer.server_step = timed(parts, "aggregate", trainer.server_step)
+    trainer.server.aggregate = timed(parts, "aggregate", trainer.server.aggregate)
     trainer.apply = timed(parts, "apply", trainer.apply)
     rows = []
     for k in range(WARMUP + rounds):
@@ -120,7 +120,7 @@ def run_byzddp(n: int, f: int, mode: str, rounds: int) -> dict:
             rows.append(row)
     loss = float(trainer.payload[trainer.layout.train_loss])
     return {"side": "byzddp", "mode": mode, "d": trainer.d, "threads": torch.get_num_threads(),
-            "chunk": trainer.vectorized.chunk if trainer.vectorized else None,
+            "chunk": trainer.client.vectorized.chunk if trainer.client.vectorized else None,
             "notes": trainer.notes, "last_loss": loss,
             "ms": {key: statistics.median(r[key] for r in rows) for key in rows[0]}}
 
@@ -247,7 +247,7 @@ def main():
     print(f"| ByzFL | one by one | {b['ms']['total']:.1f} | 1.00 |")
     print()
     print("byzddp's round, split (median ms of each part; total is the median of the sums):")
-    print("| mode | workers' gradients (worker_rows) | attack.forge | server_step (median) | apply (SGD) "
+    print("| mode | workers' gradients (compute_rows) | attack.forge | server.aggregate (median) | apply (SGD) "
           "| other | rest (total - gradients) | total | gradients share |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mode, r in ours.items():

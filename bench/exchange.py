@@ -6,10 +6,10 @@ Every rank hosts n / world workers whose rows are random float32 vectors of d co
 (d = 11.2M is ResNet-18). Timed on each rank, the slowest rank counted, median of the repeats:
   all_reduce  one dist.all_reduce of a d-vector (what DDP pays for the mean);
   gather      gather to rank 0, resampling none and the rule there, broadcast of the update
-              (byzddp.trainer.Trainer.server_step);
+              (byzddp.server.Server.aggregate);
   sharded     all_to_all of column slices, the rule per slice, all_gather of the update slices
               and of the rows' tails (byzddp.sharded.ShardedServer.step).
-Both modes run the trainer's own code on a stand-in trainer (no model). Prints a markdown row per
+Both modes run the server side's own code on random rows (no model). Prints a markdown row per
 rule: milliseconds and the ratios sharded / gather and each / all_reduce.
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from byzddp import config, distributed, pipeline  # noqa: E402
+from byzddp import config, distributed  # noqa: E402
 from byzddp.exchange import Exchange  # noqa: E402
 from byzddp.sharded import ShardedServer  # noqa: E402
-from byzddp.trainer import Trainer  # noqa: E402
+from byzddp.server import Server  # noqa: E402
 
 
 def timed(fn, repeat: int, device) -> float:
@@ -47,18 +47,14 @@ def timed(fn, repeat: int, device) -> float:
 
 
 def stand_in(cfg, topo, d: int, rule: str):
-    """What Trainer.server_step and ShardedServer.step read of a trainer, without a model."""
+    """A Server (and this rank's rows of random vectors) without a model: what gather mode's rank 0
+    and sharded mode's ranks aggregate."""
     g = torch.Generator().manual_seed(topo.rank)
     rows = torch.zeros(topo.block, d + 2)
     rows[:, :d] = torch.randn(topo.block, d, generator=g)
     cfg.aggregator.name = rule
-    robust = pipeline.build(cfg)
-    return SimpleNamespace(
-        cfg=cfg, topo=topo, device=topo.device, n=cfg.workers.n, d=d, nb=0, rows=rows.to(topo.device),
-        payload=torch.zeros(d + 2, device=topo.device), exchange=Exchange(topo),
-        resampler=robust.pre, aggregator=robust.rule,
-        selection_counts=torch.zeros(cfg.workers.n, dtype=torch.long, device=topo.device),
-        first_bad_step=torch.full((), -1, dtype=torch.long, device=topo.device))
+    server = Server(cfg, SimpleNamespace(d=d, nb=0, device=topo.device), None, None)
+    return server, rows.to(topo.device)
 
 
 def main() -> int:
@@ -84,34 +80,35 @@ def main() -> int:
               "| rule alone: rank 0, all d | rule alone: a rank's slice |")
         print("|---|---|---|---|---|---|---|---|", flush=True)
     for rule in args.rules:
-        t = stand_in(cfg, topo, d, rule)
+        exchange, everyone = Exchange(topo), list(range(cfg.workers.n))
+        server, rows = stand_in(cfg, topo, d, rule)
 
         def gather_step():
-            gathered = t.exchange.gather(t.rows)
+            gathered = exchange.gather(rows)
             if topo.is_server:
-                Trainer.server_step(t, gathered, 0, [])
-            t.exchange.broadcast(t.payload)
+                server.aggregate(gathered, 0, [])
+            exchange.broadcast(server.payload)
 
         gather_ms = timed(gather_step, args.repeat, topo.device)
-        want = t.payload.clone()
-        t = stand_in(cfg, topo, d, rule)
-        server = ShardedServer(t)
-        sharded_ms = timed(lambda: server.step(0, []), args.repeat, topo.device)
-        same = torch.equal(t.payload, want)
+        want = server.payload.clone()
+        server, rows = stand_in(cfg, topo, d, rule)
+        sharded = ShardedServer(server, exchange, topo)
+        sharded_ms = timed(lambda: sharded.step(rows, 0, [], everyone), args.repeat, topo.device)
+        same = torch.equal(server.payload, want)
         # The rule's own time: on all n x d rows (gather mode's rank 0; the others wait) and on
         # one slice (every rank at once; the Gram partials still cross ranks).
         full = torch.randn(args.workers, d, device=topo.device)
-        whole_ms = timed(lambda: t.aggregator.rule.aggregate(full) if topo.is_server else None,
+        whole_ms = timed(lambda: sharded.rule.aggregate(full) if topo.is_server else None,
                          args.repeat, topo.device)
-        start, stop = server.ranges[topo.rank]
+        start, stop = sharded.ranges[topo.rank]
         piece = full[:, start:stop].contiguous()
         del full
-        slice_ms = timed(lambda: t.aggregator.rule.aggregate(piece, server.columns), args.repeat, topo.device)
+        slice_ms = timed(lambda: sharded.rule.aggregate(piece, sharded.columns), args.repeat, topo.device)
         if topo.is_server:
             print(f"| {rule} | {gather_ms:.0f} | {sharded_ms:.0f} | {sharded_ms / gather_ms:.2f} | "
                   f"{gather_ms / all_reduce_ms:.1f} | {sharded_ms / all_reduce_ms:.1f} | {whole_ms:.0f} | "
                   f"{slice_ms:.0f} |" + ("" if same else " (updates differ!)"), flush=True)
-        del t, server
+        del server, sharded, rows
     distributed.teardown(clean=True)
     return 0
 

@@ -5,7 +5,7 @@
 
 One process, one thread, n = 10 workers on MNIST-5k, batch 32, no attack, cm without
 resampling. Per round (median over --rounds after one warm-up) the process CPU time of the
-whole round and of the workers' part alone (worker_rows: the K local steps of every worker);
+whole round and of the workers' part alone (client.compute_rows: the K local steps of every worker);
 the rest (the exchange, the rule and the server's step) is their difference. Prints markdown
 rows with the round's cost relative to K times the K = 1 round: 1.00 means a round of K local
 steps costs K rounds' compute, and the rest is paid once.
@@ -34,14 +34,15 @@ def measure(model: str, k: int, loop: bool, rounds: int) -> tuple:
     whole, workers = [], []
     for r in range(rounds + 1):             # the first round warms up (and builds vmap's plan)
         t0 = time.process_time()
-        trainer.worker_rows(trainer.step, attacks.byzantine_set(cfg, trainer.step))
+        trainer.client.compute_rows(trainer.step, attacks.byzantine_set(cfg, trainer.step),
+                                    lr=trainer.optimizer.param_groups[0]["lr"])
         t1 = time.process_time()
         trainer.train_step()                # the whole round: workers again, exchange, rule, step
         t2 = time.process_time()
         if r:
             workers.append(1e3 * (t1 - t0))
             whole.append(1e3 * (t2 - t1))
-    how = f"torch.func, chunks of {trainer.vectorized.chunk}" if trainer.vectorized else "one by one"
+    how = f"torch.func, chunks of {trainer.client.vectorized.chunk}" if trainer.client.vectorized else "one by one"
     return statistics.median(whole), statistics.median(workers), how
 
 

@@ -39,7 +39,7 @@ def one(model: str, n: int, vectorize: bool, device: str, steps: int, chunk) -> 
                                  "log.progress=false"])
         return cfg, Trainer(cfg, distributed.setup(cfg))
     cfg, trainer = build(chunk)
-    if vectorize and trainer.vectorized is None:
+    if vectorize and trainer.client.vectorized is None:
         # On the CPU the run would take the loop (a chunk of < 4 workers): time torch.func at the
         # automatic chunk anyway, which is what this comparison is for.
         sample = trainer.ds.train_x[:cfg.train.batch_size]
@@ -52,7 +52,8 @@ def one(model: str, n: int, vectorize: bool, device: str, steps: int, chunk) -> 
     for k in range(steps + 1):          # the first step warms up (and builds vmap's plan)
         sync()
         t0 = clock()
-        trainer.worker_rows(trainer.step, attacks.byzantine_set(cfg, trainer.step))
+        trainer.client.compute_rows(trainer.step, attacks.byzantine_set(cfg, trainer.step),
+                                    lr=trainer.optimizer.param_groups[0]["lr"])
         sync()
         t1 = clock()
         trainer.train_step()            # a full step (gradients again, exchange, rule, update)
@@ -67,7 +68,7 @@ def one(model: str, n: int, vectorize: bool, device: str, steps: int, chunk) -> 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"model": model, "n": n, "vectorize": vectorize, "device": device, "d": trainer.d,
             "step_ms": statistics.median(step_ms), "grad_ms": statistics.median(grad_ms),
-            "chunk": trainer.vectorized.chunk if trainer.vectorized else None, "peak_mib": peak,
+            "chunk": trainer.client.vectorized.chunk if trainer.client.vectorized else None, "peak_mib": peak,
             "threads": torch.get_num_threads()}
 
 

@@ -153,6 +153,7 @@ class LogConfig:
     wandb_group: Optional[str] = None  # W&B group (sweeps set it to the sweep's name)
     tags: List[str] = field(default_factory=list)  # W&B tags
     progress: bool = True           # progress bar on rank 0
+    diagnostics_every: int = 0      # the server's diagnostics (kappa, selection rates) every k steps; 0: at evaluations
 
 
 @dataclass
@@ -458,6 +459,7 @@ def validate(cfg: Config) -> None:
     _positive("train.check_every", t.check_every, zero_ok=True)
     _positive("train.checkpoint_every", t.checkpoint_every, zero_ok=True)
     _positive("train.timeout_s", t.timeout_s)
+    _positive("log.diagnostics_every", cfg.log.diagnostics_every, zero_ok=True)
     if t.timeout_s > 7 * 24 * 3600:
         raise ConfigError(f"config key train.timeout_s: {t.timeout_s:g} s is longer than a week; "
                           f"give at most 604800")

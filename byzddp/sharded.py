@@ -59,20 +59,22 @@ class ShardedRule:
 
 
 class ShardedServer:
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.topo, self.exchange = trainer.topo, trainer.exchange
-        d, world = trainer.d, self.topo.world
-        width = grid_width(d, trainer.device)
+    """The server's pre-aggregation and rule on this rank's column slice (`server` is this rank's
+    Server: its rule is wrapped so that cclip's sliced centre checkpoints whole)."""
+
+    def __init__(self, server, exchange, topo):
+        self.server, self.exchange, self.topo = server, exchange, topo
+        d, world = server.replica.d, topo.world
+        width = grid_width(d, server.device)
         num_chunks = -(-d // width)
         self.bounds = chunk_bounds(num_chunks, world)
         self.chunk_counts = [last - first for first, last in self.bounds]
         self.ranges = [(min(a * width, d), min(b * width, d)) for a, b in self.bounds]
         self.lengths = [b - a for a, b in self.ranges]
-        first, last = self.bounds[self.topo.rank]
+        first, last = self.bounds[topo.rank]
         self.columns = Columns(d, width, first, last, gather=self._partials_of_every_chunk)
-        self.rule = trainer.aggregator
-        trainer.aggregator = ShardedRule(self.rule, self)
+        self.rule = server.aggregator
+        server.aggregator = ShardedRule(self.rule, self)
 
     def _partials_of_every_chunk(self, mine: torch.Tensor) -> torch.Tensor:
         return self.exchange.all_gather_uneven(mine, self.chunk_counts)
@@ -81,16 +83,21 @@ class ShardedServer:
         """This rank's slice of a d-vector -> the whole vector (into `out` if given), on every rank."""
         return self.exchange.all_gather_uneven(part, self.lengths, out)
 
-    def step(self, step: int, byzantine: List[int], participants: List[int]) -> None:
-        """The step's exchange and aggregation; leaves the payload gather mode broadcasts."""
-        t = self.trainer
-        L = t.layout
-        mine = self.exchange.all_to_all_columns(t.rows[:, L.vector], self.ranges)   # (n, len_r)
-        mine = t.taking_part(mine, participants)
-        tails = self.exchange.all_gather(t.rows[:, L.tail].contiguous())           # (n, nb + 2)
-        generator = streams.generator("resampling", t.cfg.seed, step)
-        outputs, groups = t.resampler(mine, generator, self.columns)
-        part = self.rule.aggregate(outputs, self.columns, **t.rule_inputs(step))
-        update = self.whole(part, t.payload[L.update])
+    def step(self, rows: torch.Tensor, step: int, byzantine: List[int], participants: List[int],
+             diagnose: bool = False) -> None:
+        """The step's exchange and aggregation of this rank's `rows`; leaves the payload gather
+        mode broadcasts (and, when `diagnose`, the round's diagnostics, on every rank)."""
+        s = self.server
+        L = s.layout
+        mine = self.exchange.all_to_all_columns(rows[:, L.vector], self.ranges)   # (n, len_r)
+        mine = s.taking_part(mine, participants)
+        tails = self.exchange.all_gather(rows[:, L.tail].contiguous())           # (n, nb + 2)
+        generator = streams.generator("resampling", s.cfg.seed, step)
+        outputs, groups = s.resampler(mine, generator, self.columns)
+        part = self.rule.aggregate(outputs, self.columns, **s.rule_inputs(step))
+        s.check_output(part, outputs)
+        update = self.whole(part, s.payload[L.update])
         self.rule.settle(all_finite(update))
-        t.finish_payload(update, tails, groups, step, byzantine, participants)
+        s.finish_payload(update, tails, groups, step, byzantine, participants)
+        if diagnose:
+            s.diagnose(mine, part, groups, byzantine, participants, self.columns)

@@ -21,12 +21,12 @@ def main():
     trainer = Trainer(cfg, topo)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     byzantine = attacks.byzantine_set(cfg, 0)
-    trainer.worker_rows(0, byzantine)
-    trainer.attack.forge(attacks.AttackContext(0, cfg.seed, trainer.rows[:, :trainer.d], topo.workers,
+    trainer.client.compute_rows(0, byzantine)
+    trainer.attack.forge(attacks.AttackContext(0, cfg.seed, trainer.client.rows[:, :trainer.d], topo.workers,
                                                byzantine, trainer.exchange, cfg.workers.n, cfg.workers.byzantine))
-    gathered = trainer.exchange.gather(trainer.rows)
+    gathered = trainer.exchange.gather(trainer.client.rows)
     if topo.is_server:
-        trainer.server_step(gathered, 0, byzantine)
+        trainer.server.aggregate(gathered, 0, byzantine)
     trainer.exchange.broadcast(trainer.payload)
     agree = trainer.exchange.all_agree(trainer.payload.view(torch.int32).to(torch.int64).sum().view(1))
     if topo.is_server:

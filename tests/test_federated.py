@@ -27,8 +27,8 @@ def trainer_for(overrides):
 
 def rows_of(t, step, participants=None):
     byzantine = [w for w in attacks.byzantine_set(t.cfg, step) if participants is None or w in participants]
-    t.worker_rows(step, byzantine, participants)
-    return t.rows.clone()
+    t.client.compute_rows(step, byzantine, participants, lr=t.optimizer.param_groups[0]["lr"])
+    return t.client.rows.clone()
 
 
 def local_training(t, worker, step, byzantine=False):
@@ -40,8 +40,8 @@ def local_training(t, worker, step, byzantine=False):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for k in range(K):
-        x, y = t.batch(worker, step * K + k, byzantine)
-        if t.has_dropout:
+        x, y = t.client.batch(worker, step * K + k, byzantine)
+        if t.replica.has_dropout:
             torch.manual_seed(__import__("byzddp").streams.key("dropout", t.cfg.seed, worker, step * K + k))
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
@@ -59,7 +59,7 @@ def local_training(t, worker, step, byzantine=False):
 @pytest.mark.parametrize("vectorize", ["true", "false"])
 def test_k1_sends_the_plain_gradient_bit_for_bit(vectorize):
     t = trainer_for(["train.local_steps=1", f"workers.vectorize={vectorize}", "attack.name=none"])
-    assert t.local_steps == 1
+    assert t.client.local_steps == 1
     rows = rows_of(t, 2)
     for w in range(6):
         x, y = t.data.batch_of(w, 2)
@@ -111,11 +111,11 @@ def test_a_round_of_k_steps_sends_global_minus_local_over_lr_k(model, vectorize,
 def test_vectorized_and_loop_local_rounds_agree_with_worker_momentum():
     args = ["model.name=cnn", "train.local_steps=4", "workers.momentum=0.5", "attack.name=labelflip", "train.lr=0.1"]
     vec, loop = trainer_for([*args, "workers.vectorize=true"]), trainer_for([*args, "workers.vectorize=false"])
-    assert vec.vectorized is not None and loop.vectorized is None
+    assert vec.client.vectorized is not None and loop.client.vectorized is None
     for step in range(3):
         a, b = rows_of(vec, step), rows_of(loop, step)
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), step
-    assert torch.allclose(vec.worker_momentum, loop.worker_momentum, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(vec.client.momentum, loop.client.momentum, rtol=1e-4, atol=1e-5)
 
 
 def test_local_steps_read_consecutive_batches_per_round():
@@ -196,7 +196,7 @@ def test_the_rule_sees_only_the_participants_rows():
     for w in range(10):
         if w not in drawn:
             gathered[w, L.vector] = 1e6
-    t.server_step(gathered, 4, [], drawn)
+    t.server.aggregate(gathered, 4, [], drawn)
     want = rows[drawn][:, L.vector].mean(0)
     assert torch.allclose(t.payload[L.update], want, rtol=1e-6, atol=1e-8)
     assert math.isclose(float(t.payload[L.train_loss]), float(rows[drawn, L.loss].mean()), rel_tol=1e-6)
@@ -207,8 +207,8 @@ def test_selection_counts_name_workers_not_positions_under_participation():
                      "attack.name=none"])
     drawn = rounds.participants(t.cfg, 0)
     rows = rows_of(t, 0, drawn)
-    t.server_step(rows, 0, [], drawn)
-    counts = t.selection_counts.tolist()
+    t.server.aggregate(rows, 0, [], drawn)
+    counts = t.server.selection_counts.tolist()
     assert sum(counts) == 1 and counts.index(1) in drawn
 
 
@@ -223,7 +223,7 @@ def test_attacks_see_the_drawn_honest_workers_only():
     # ipm sends -epsilon times the honest mean: of the drawn honest workers
     rows = rows_of(trainer_for(["workers.n=10", "workers.byzantine=2", "workers.participation=0.6",
                                 "attack.name=ipm", "attack.epsilon=1"]), step, drawn)
-    assert torch.allclose(t.rows[9, t.layout.vector], -rows[honest][:, t.layout.vector].mean(0), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(t.client.rows[9, t.layout.vector], -rows[honest][:, t.layout.vector].mean(0), rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------- backdoor
@@ -264,19 +264,19 @@ def test_backdoor_workers_hold_shards_train_on_poison_and_send_boosted():
     shards = [set(t.data.indices[w].tolist()) for w in range(6)]
     assert all(len(s) < len(t.ds.train_y) for s in shards)                       # the Byzantine one too
     assert sum(len(s) for s in shards) == len(t.ds.train_y) and len(set.union(*shards)) == len(t.ds.train_y)
-    x, y = t.batch(5, 0, True)
+    x, y = t.client.batch(5, 0, True)
     clean_x, clean_y = t.data.batch_of(5, 0)
     assert y[:2].tolist() == [2, 2] and torch.equal(y[2:], clean_y[2:])
     assert torch.all(x[:2, :, -5:, -5:] == t.ds.train_x.max()) and torch.equal(x[2:], clean_x[2:])
-    honest_x, honest_y = t.batch(0, 0, False)
+    honest_x, honest_y = t.client.batch(0, 0, False)
     assert torch.equal(honest_y, t.data.batch_of(0, 0)[1])
     rows = rows_of(t, 0)
     model = copy.deepcopy(t.model)
     g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
     assert torch.equal(rows[5, t.layout.vector], torch.cat([v.reshape(-1) for v in g]))
-    t.attack.forge(attacks.AttackContext(0, 0, t.rows[:, t.layout.vector], t.topo.workers, [5], t.exchange, 6, 1))
-    assert torch.equal(t.rows[5, t.layout.vector], 3 * rows[5, t.layout.vector])
-    assert torch.equal(t.rows[:5], rows[:5])
+    t.attack.forge(attacks.AttackContext(0, 0, t.client.rows[:, t.layout.vector], t.topo.workers, [5], t.exchange, 6, 1))
+    assert torch.equal(t.client.rows[5, t.layout.vector], 3 * rows[5, t.layout.vector])
+    assert torch.equal(t.client.rows[:5], rows[:5])
 
 
 @pytest.mark.slow

@@ -419,18 +419,18 @@ def test_the_trainer_gives_fltrust_the_root_gradient_and_dnc_the_step_stream(mon
     loss = F.cross_entropy(model(tiny.train_x[pick]), tiny.train_y[pick])
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
     before = [(p.detach().clone(), p.grad.clone()) for p in trainer.model.parameters()]
-    got = trainer.rule_inputs(1)
+    got = trainer.server.rule_inputs(1)
     assert set(got) == {"root_gradient"}
     torch.testing.assert_close(got["root_gradient"], want, rtol=0, atol=0)
     for p, (value, grad) in zip(trainer.model.parameters(), before):   # the replica is untouched
         assert torch.equal(p, value) and torch.equal(p.grad, grad)
     trainer, _ = tiny_trainer(monkeypatch, "aggregator.name=dnc", "seed=3")
-    got = trainer.rule_inputs(4)
+    got = trainer.server.rule_inputs(4)
     assert set(got) == {"generator"}
     assert torch.equal(torch.randperm(50, generator=got["generator"]),
                        torch.randperm(50, generator=streams.generator("aggregator", 3, 4)))
     trainer.train_step()
-    assert trainer.aggregator.selected is not None
+    assert trainer.server.aggregator.selected is not None
     with pytest.raises(ConfigError, match="aggregator.root_size: 61 root examples"):
         tiny_trainer(monkeypatch, "aggregator.name=fltrust", "aggregator.root_size=61")
 

@@ -146,7 +146,7 @@ def test_nan_with_mean_stops_loudly_without_writing_nan_weights(tmp_path, monkey
     trainer.train_step()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     with pytest.raises(aggregators.NonFiniteError, match="step 1 "):
-        trainer.check_finite()
+        trainer.server.check_finite()
 
 
 def test_batchnorm_buffers_come_from_the_first_honest_worker(monkeypatch):

@@ -110,12 +110,12 @@ def test_resnet18_vectorized_rows_equal_the_loops(monkeypatch):
         return Trainer(cfg, distributed.setup(cfg))
 
     vec, loop = trainer("true"), trainer("false")
-    assert vec.vectorized is not None and loop.vectorized is None
-    assert vec.nb > 0                                   # BatchNorm buffers travel in the rows
+    assert vec.client.vectorized is not None and loop.client.vectorized is None
+    assert vec.replica.nb > 0                                   # BatchNorm buffers travel in the rows
     for t in (vec, loop):
-        t.worker_rows(0, attacks.byzantine_set(t.cfg, 0))
-    assert vec.vectorized is not None                   # no fall back to the loop on the first call
-    a, b, L = vec.rows, loop.rows, vec.layout
+        t.client.compute_rows(0, attacks.byzantine_set(t.cfg, 0))
+    assert vec.client.vectorized is not None                   # no fall back to the loop on the first call
+    a, b, L = vec.client.rows, loop.client.rows, vec.layout
     assert a[:, L.vector].abs().sum(1).gt(0).all()
     assert torch.allclose(a[:, L.vector], b[:, L.vector], rtol=1e-4, atol=1e-6)
     assert torch.allclose(a[:, L.buffers], b[:, L.buffers], rtol=1e-5, atol=1e-6)

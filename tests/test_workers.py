@@ -33,8 +33,8 @@ def trainer_for(overrides):
 
 def rows_at(trainer, step):
     byzantine = attacks.byzantine_set(trainer.cfg, step)
-    trainer.worker_rows(step, byzantine)
-    return trainer.rows.clone()
+    trainer.client.compute_rows(step, byzantine)
+    return trainer.client.rows.clone()
 
 
 MODELS = {
@@ -56,7 +56,7 @@ def test_vectorized_rows_equal_the_loops(model, monkeypatch):
         tiny_cifar(monkeypatch)
     args = [*BASE, *(SKIPPING if model == "skipping" else MODELS[model]), "workers.momentum=0.5", "workers.chunk=4"]
     vec, loop = trainer_for([*args, "workers.vectorize=true"]), trainer_for([*args, "workers.vectorize=false"])
-    assert vec.vectorized is not None and loop.vectorized is None
+    assert vec.client.vectorized is not None and loop.client.vectorized is None
     for step in (0, 1, 2):
         a, b = rows_at(vec, step), rows_at(loop, step)
         L = vec.layout
@@ -69,7 +69,7 @@ def test_vectorized_rows_equal_the_loops(model, monkeypatch):
             assert computed.tolist() == [w not in byzantine for w in range(6)]
         else:
             assert computed.all()
-    assert torch.allclose(vec.worker_momentum, loop.worker_momentum, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(vec.client.momentum, loop.client.momentum, rtol=1e-4, atol=1e-6)
     # the replica's own buffers are untouched by the workers' forwards
     for (_, got), (_, want) in zip(vec.model.named_buffers(), loop.model.named_buffers()):
         assert torch.equal(got, want)
@@ -80,7 +80,7 @@ def test_a_workers_gradient_does_not_depend_on_its_chunk(model):
     """Worker 3's vector, loss and dropout masks are the same bits alone in a padded chunk, first
     or last among other workers, or in another chunk split: what makes ranks interchangeable."""
     trainer = trainer_for([*BASE, *MODELS[model], "workers.chunk=4"])
-    vec = trainer.vectorized
+    vec = trainer.client.vectorized
     jobs = [workers.Job(i, w, *trainer.data.batch_of(w, 2)) for i, w in enumerate(range(6))]
     d = trainer.d
 
@@ -168,7 +168,7 @@ def test_models_vmap_cannot_take_fall_back_to_the_loop_said_once(net, reason, mo
     first = rows_at(trainer, 1)
     loop = trainer_for([*BASE, "workers.vectorize=false"])
     rows_at(loop, 0)
-    assert trainer.vectorized is None and torch.equal(first, rows_at(loop, 1))
+    assert trainer.client.vectorized is None and torch.equal(first, rows_at(loop, 1))
     said = capsys.readouterr().err + "\n".join(trainer.notes)
     assert said.count("workers computed one by one") == 1 and reason in said
 
@@ -197,7 +197,7 @@ def test_auto_chunk_is_a_function_of_the_config_and_bounds_memory():
     assert workers.auto_chunk(64, 10, 0, 0, "cuda", largest) == 64
     assert workers.auto_chunk(5, 10**9, 0, 10**9, "cpu") == 1         # never below one worker
     cfg = config.load(None, [*BASE, "model.name=cnn"])
-    chunk = {world: Trainer(cfg, distributed.Topology(0, world, 0, torch.device("cpu"), "none", 6)).vectorized.chunk
+    chunk = {world: Trainer(cfg, distributed.Topology(0, world, 0, torch.device("cpu"), "none", 6)).client.vectorized.chunk
              for world in (1, 2, 3)}
     assert len(set(chunk.values())) == 1, chunk
 
@@ -210,11 +210,11 @@ def test_on_the_cpu_a_chunk_of_a_few_workers_is_computed_one_by_one():
     assert workers.auto_chunk_pays(3, 3, "cpu") and workers.auto_chunk_pays(25, 1, "cuda")
     args = [*BASE, "model.name=cnn", "train.batch_size=32"]
     auto = trainer_for(args)
-    assert auto.vectorized is None
+    assert auto.client.vectorized is None
     assert auto.notes == ["workers computed one by one: on the CPU this model's activations leave 2 workers "
                           "a vectorized chunk, where the loop is faster (workers.chunk forces vectorizing)"]
     forced = trainer_for([*args, "workers.chunk=2"])
-    assert forced.vectorized is not None and forced.vectorized.chunk == 2
+    assert forced.client.vectorized is not None and forced.client.vectorized.chunk == 2
 
 
 def test_workers_chunk_must_be_positive():
@@ -238,12 +238,12 @@ def test_selection_counts_match_the_definition():
     trainer = trainer_for([*BASE, "aggregator.name=krum", "resampling.name=none"])
     groups = [torch.tensor([0, 0]), torch.tensor([1, 5]), torch.tensor([2, 3, 4]), torch.tensor([5])]
     selected = torch.tensor([2, 0, 1, 2])
-    trainer.count_selections(selected, groups)
+    trainer.server.count_selections(selected, groups)
     want = [0] * 6
     for j in selected.tolist():
         for w in set(groups[j].tolist()):
             want[w] += 1
-    assert trainer.selection_counts.tolist() == want
+    assert trainer.server.selection_counts.tolist() == want
 
 
 @pytest.mark.parametrize("backend,local_world,gpus,refused", [

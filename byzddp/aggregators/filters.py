@@ -5,7 +5,7 @@ dnc and signguard draw a random set of coordinates each call, from the generator
 gives (`aggregate(..., generator=g)`); the trainer gives `streams.generator("aggregator", seed,
 step)`, so every rank and every mode draws the same coordinates. Without one they draw from the
 stream of (seed 0, step 0). fltrust needs the server's own gradient on its trusted root set
-(`aggregate(..., root_gradient=g0)`), which the trainer computes (Trainer.root_gradient).
+(`aggregate(..., root_gradient=g0)`), which the server side computes (byzddp.server.Server.root_gradient).
 
 Work over d follows the global column grid (`byzddp.geometry.Columns`): each rule sums per-chunk
 partials in chunk order (a subset's centred Gram matrix, norms, sign counts, inner products with
@@ -14,7 +14,8 @@ whole call's result (`byzddp.sharded`). A non-finite row is found from those sum
 norm or its count of non-finite entries) and never selected or weighted.
 
 dnc and signguard read the selection back to the host (`selected` is a data-dependent set; dnc's
-eigendecomposition and signguard's clustering run on m x m and m x 3 numbers), one sync per call.
+eigendecomposition and signguard's clustering run on m x m and m x 3 numbers), one sync per call;
+fltrust too, for `selected`: the rows of positive trust.
 """
 from __future__ import annotations
 
@@ -301,6 +302,7 @@ class FLTrust(Aggregator):
         both = norms * norm0
         cos = torch.where(good & (both > 0), dots / both, torch.zeros_like(dots))
         trust = torch.relu(cos)
+        self.selected = torch.nonzero(trust > 0).flatten()     # the rows it trusts (their weights are > 0)
         scale = torch.where(trust > 0, norm0 / norms, torch.zeros_like(norms))
         total_trust = trust.sum()
         w = torch.where(total_trust > 0, trust * scale / total_trust, torch.zeros_like(trust))

@@ -178,7 +178,8 @@ def test_fltrust_equals_its_definition(device):
         rule = A.build("fltrust", f=3)
         out = rule(x.to(device), root_gradient=g0.to(device))
         torch.testing.assert_close(out.cpu(), ref_fltrust(x, g0), rtol=1e-12, atol=1e-12)
-        assert rule.selected is None
+        trusted = [i for i in range(9) if float(x[i] @ g0) > 0]     # positive cosine: positive trust
+        assert rule.selected.tolist() == trusted and 2 not in trusted and 5 not in trusted
 
 
 def test_float32_rows_give_float32_aggregates_close_to_the_definitions():

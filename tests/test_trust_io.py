@@ -198,10 +198,14 @@ def test_the_derived_name_of_a_long_config_fits_one_file_name(tmp_path):
 
 # ---------------------------------------------------------------- data.alpha and data.root
 
-@pytest.mark.parametrize("alpha", ["1e-300", "1e-38", "5e-324"])
-def test_an_alpha_too_small_to_be_represented_is_one_line(tmp_path, capsys, alpha):
-    assert_one_line(capsys, ["data.partition=dirichlet", f"data.alpha={alpha}"], tmp_path,
-                    "data.alpha", "too small to be represented", "raise data.alpha")
+@pytest.mark.parametrize("alpha, words", [
+    ("1e-300", ["too small to be represented", "raise data.alpha"]),
+    ("1e-38", ["too small to be represented", "raise data.alpha"]),
+    ("5e-324", ["too small to be represented", "raise data.alpha"]),
+    ("1e-9", ["too small for the float32 Dirichlet draw", "underflowed to an even split", "raise data.alpha"]),
+])
+def test_an_alpha_too_small_to_be_represented_is_one_line(tmp_path, capsys, alpha, words):
+    assert_one_line(capsys, ["data.partition=dirichlet", f"data.alpha={alpha}"], tmp_path, "data.alpha", *words)
 
 
 def test_an_alpha_whose_draw_underflows_is_refused_not_run_as_an_even_split():

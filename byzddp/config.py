@@ -449,6 +449,9 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
+NAME_MAX = 255     # bytes in one file name (Linux, macOS); a smaller file system says so when made
+
+
 def run_name(cfg: Config) -> str:
     if cfg.log.name:
         return cfg.log.name
@@ -487,9 +490,6 @@ def _positive(key: str, value, zero_ok: bool = False) -> None:
     if value < 0 or (value == 0 and not zero_ok):
         raise ConfigError(f"config key {key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}; "
                           f"give a {'non-negative' if zero_ok else 'positive'} value")
-
-
-NAME_MAX = 255     # bytes in one file name (Linux, macOS); a smaller file system says so when made
 
 
 def _name(key: str, value: Optional[str]) -> None:

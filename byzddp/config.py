@@ -171,7 +171,35 @@ class Config:
 
 # ---------------------------------------------------------------------------- parsing
 
-class _Loader(yaml.SafeLoader):
+class YAMLExpansionError(yaml.YAMLError):
+    """A YAML document that would expand without bound (aliases of aliases, a recursive anchor,
+    nesting without end)."""
+
+
+# Values a YAML document may expand to. Anchors and aliases share a node, so nine nested
+# aliases of nine (a few hundred bytes) stand for 9**9 values once copied, hashed or checked;
+# a real config has hundreds.
+MAX_YAML_VALUES = 100_000
+# Levels of nesting: a config has 3 or 4, a sweep's grid 5. PyYAML's scanner takes time in the
+# square of the depth and its composer recurses, so deeper is refused as it is read.
+MAX_YAML_DEPTH = 64
+
+
+class _DepthLimit:
+    """A loader's composer that stops at MAX_YAML_DEPTH levels."""
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise YAMLExpansionError(f"it is nested more than {MAX_YAML_DEPTH} levels deep; flatten it")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _Loader(_DepthLimit, yaml.SafeLoader):
     """YAML as users write it: `1e-3` is a float (YAML 1.1 reads it as a string), and a key
     given twice in one mapping is an error rather than silently the last one."""
 
@@ -197,8 +225,59 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+def _expanded_size(root) -> int:
+    """How many values the node graph stands for with every alias written out, counted on the
+    graph itself (each node once; an alias's node was read before it, so the walk is as deep
+    as the text). Raises YAMLExpansionError past MAX_YAML_VALUES, past MAX_YAML_DEPTH levels
+    through aliases, or on an alias inside itself, before anything is built."""
+    seen: dict = {}      # id(node) -> (values, levels)
+    open_: set = set()
+
+    def walk(node) -> tuple:
+        key = id(node)
+        if key in seen:
+            return seen[key]
+        if key in open_:
+            raise YAMLExpansionError("an alias refers to a node that contains it (a recursive anchor); "
+                                     "write the values out")
+        open_.add(key)
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        below = [walk(child) for child in children]
+        open_.discard(key)
+        values, levels = 1 + sum(v for v, _ in below), 1 + max((d for _, d in below), default=0)
+        if values > MAX_YAML_VALUES:
+            raise YAMLExpansionError(f"its anchors and aliases expand to more than {MAX_YAML_VALUES:,} values; "
+                                     f"write the values out or use fewer aliases")
+        if levels > MAX_YAML_DEPTH:
+            raise YAMLExpansionError(f"it is nested more than {MAX_YAML_DEPTH} levels deep through its "
+                                     f"aliases; flatten it")
+        seen[key] = values, levels
+        return seen[key]
+
+    return walk(root)[0]
+
+
+def read_yaml(text: str, loader=None):
+    """YAML text -> Python values (config files, override values, sweep grids), refusing a
+    document that expands without bound (YAMLExpansionError) before it is built. `loader`:
+    a yaml Loader class (default: the config's)."""
+    loader = loader or _Loader
+    if not issubclass(loader, _DepthLimit):
+        loader = type(loader.__name__, (_DepthLimit, loader), {})
+    reader = loader(text)
+    try:
+        node = reader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return reader.construct_document(node)
+    finally:
+        reader.dispose()
+
+
 def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+    return read_yaml(text)
 
 
 def _fields(cls) -> dict:
@@ -272,6 +351,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' has no key; write it as dotted.key=value")
     try:
         value = _yaml(raw) if raw != "" else ""
+    except YAMLExpansionError as e:
+        raise ConfigError(f"override '{key}=...': {e}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -337,7 +418,7 @@ def _file_tree(path: Optional[str | Path]) -> dict:
             raise ConfigError(f"config file {path} cannot be read ({e.strerror}); check its permissions") from None
         try:
             tree = _yaml(text)
-        except _DuplicateKey as e:
+        except (_DuplicateKey, YAMLExpansionError) as e:
             raise ConfigError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
@@ -369,6 +450,9 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
+NAME_MAX = 255     # bytes in one file name (Linux, macOS); a smaller file system says so when made
+
+
 def run_name(cfg: Config) -> str:
     if cfg.log.name:
         return cfg.log.name
@@ -377,9 +461,14 @@ def run_name(cfg: Config) -> str:
     # A plug-in's import path is part of the name, its ':' written as '.' (W&B, shells, Windows).
     dataset, model, rule, attack = (name.replace(":", ".") for name in (
         cfg.data.dataset, cfg.model.name, cfg.aggregator.name, cfg.attack.name))
-    return (f"{dataset}-{cfg.data.partition}-{model}-n{cfg.workers.n}"
-            f"f{cfg.workers.byzantine}-{rule}-{resampling}-{attack}"
-            f"-s{cfg.seed}-{config_hash(cfg)}")
+    head = (f"{dataset}-{cfg.data.partition}-{model}-n{cfg.workers.n}"
+            f"f{cfg.workers.byzantine}-{rule}-{resampling}-{attack}-s{cfg.seed}")
+    tail = f"-{config_hash(cfg)}"
+    # Long plug-in paths could pass one file name's limit: cut the readable head, keep the hash.
+    room = NAME_MAX - len(tail.encode())
+    if len(head.encode()) > room:
+        head = head.encode()[:room].decode("utf-8", "ignore")
+    return head + tail
 
 
 # ---------------------------------------------------------------------------- validation
@@ -388,6 +477,9 @@ DATASETS = ("mnist5k", "mnist", "fashionmnist", "emnist", "cifar10", "cifar100",
 GRAYSCALE = ("mnist5k", "mnist", "fashionmnist", "emnist")   # 1x28x28 images
 PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups")
 MODELS = ("mlp", "cnn", "cnn_relu", "resnet20", "resnet18")
+
+
+ALPHA_MIN = 1.1754943508222875e-38   # the smallest normal float32: the Dirichlet draw's precision
 
 
 def _choice(key: str, value: str, allowed) -> None:
@@ -402,12 +494,25 @@ def _positive(key: str, value, zero_ok: bool = False) -> None:
 
 
 def _name(key: str, value: Optional[str]) -> None:
-    """A folder name, not a path: a run folder must stay inside log.dir."""
-    if not value:
-        return      # absent or empty: the name is derived from the config
+    """A folder name, not a path: a run folder must stay inside log.dir, fit in one file name,
+    and read back safely in a shell (`ls -d runs/<name>`, `rm -r runs/<name>`)."""
+    if value is None:
+        return      # absent: the name is derived from the config
+    if not value.strip():
+        raise ConfigError(f"config key {key}: the name is empty; give a name, or remove {key} to derive "
+                          f"it from the config")
     if value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
-        raise ConfigError(f"config key {key}: '{value}' is not a plain folder name; give a name without "
+        raise ConfigError(f"config key {key}: {value!r} is not a plain folder name; give a name without "
                           f"'/' or '..' (log.dir says where run folders go)")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ConfigError(f"config key {key}: {value!r} holds a control character (a newline or tab); "
+                          f"give a name of printable characters")
+    if value.startswith("-"):
+        raise ConfigError(f"config key {key}: {value!r} starts with '-', which commands read as an option; "
+                          f"give a name that starts with a letter or digit")
+    if len(value.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise ConfigError(f"config key {key}: the name is {len(value.encode('utf-8', 'surrogateescape'))} bytes, "
+                          f"over the file system's limit of {NAME_MAX}; give a shorter name")
 
 
 def validate(cfg: Config) -> None:
@@ -429,6 +534,10 @@ def validate(cfg: Config) -> None:
     _choice("data.sampling", cfg.data.sampling, ("stream", "epoch"))
     _positive("seed", cfg.seed, zero_ok=True)
     _positive("data.alpha", cfg.data.alpha)
+    if cfg.data.alpha < ALPHA_MIN:
+        raise ConfigError(f"config key data.alpha: {cfg.data.alpha:g} is too small to be represented in the "
+                          f"float32 Dirichlet draw (its smallest normal number is {ALPHA_MIN:.3g}); raise data.alpha "
+                          f"(0.01 and above draw safely)")
     for i, width in enumerate(cfg.model.hidden):
         _positive(f"model.hidden[{i}]", width)
     w = cfg.workers

@@ -7,6 +7,7 @@ is a pure function of (seed, worker, step), so any rank can draw any worker's ba
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -213,6 +214,36 @@ def _missing(name: str, root: str, err: Exception) -> ConfigError:
                        f"put the dataset there or set data.download=true on a machine with network")
 
 
+def _unreadable(path) -> ConfigError:
+    return ConfigError(f"config key data.root: {path} cannot be read (permission denied); give this user "
+                       f"read access to it (e.g. chmod -R a+rX {path}) or set data.root to a readable folder")
+
+
+def _first_unreadable(root: str, depth: int = 3) -> Optional[Path]:
+    """data.root, or a folder or file in its first `depth` levels, that this process may not
+    read; None when all can be read (a dataset may still be missing there). A file system's
+    own lost+found, unreadable on most mounts, is no dataset's folder."""
+    top = Path(root)
+    if not top.exists():
+        return None
+    if not os.access(top, os.R_OK | (os.X_OK if top.is_dir() else 0)):
+        return top
+    if depth == 0 or not top.is_dir():
+        return None
+    for folder, dirs, files in os.walk(top):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if d != "lost+found"]
+        for name in dirs:
+            if not os.access(here / name, os.R_OK | os.X_OK):
+                return here / name
+        for name in files:
+            if not os.access(here / name, os.R_OK):
+                return here / name
+        if len(here.relative_to(top).parts) + 1 >= depth:
+            dirs.clear()
+    return None
+
+
 TRAIN_TEST = ({"train": True}, {"train": False})
 
 
@@ -224,9 +255,18 @@ def _torchvision_splits(kind: str, name: str, root: str, download: bool, splits=
     """
     import torchvision
     cls = getattr(torchvision.datasets, kind)
+    # A folder this user may not read looks empty to torchvision ("not found"): say what it is.
+    blocked = _first_unreadable(root, depth=0)
+    if blocked is not None:
+        raise _unreadable(blocked)
     try:
         return tuple(cls(root, download=download, **kwargs, **which) for which in splits)
     except Exception as e:  # missing, truncated or garbage files: torchvision raises many kinds
+        if isinstance(e, PermissionError):
+            raise _unreadable(e.filename or root) from None
+        blocked = _first_unreadable(root)
+        if blocked is not None:
+            raise _unreadable(blocked) from None
         raise _missing(name, root, e) from None
 
 
@@ -364,6 +404,12 @@ def _dirichlet(labels: torch.Tensor, shards: int, alpha: float, seed: int) -> Li
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(streams.key("partition-dirichlet-class", seed, c))
             share = dist.sample()
+        if shards > 1 and bool((share == share[0]).all()):
+            # Every float32 gamma draw underflowed and was clamped alike: an even split, the
+            # opposite of what a small alpha asks for (a true draw is never exactly even).
+            raise ConfigError(f"config key data.alpha: {alpha:g} is too small for the float32 Dirichlet draw "
+                              f"(class {c}'s shares underflowed to an even split); raise data.alpha "
+                              f"(0.01 and above draw safely)")
         cuts = (torch.cumsum(share, 0)[:-1] * len(idx)).round().long().tolist()
         for i, piece in enumerate(torch.tensor_split(idx, cuts)):
             parts[i].append(piece)

@@ -45,9 +45,27 @@ def write_atomic(path: Union[str, Path], data: Union[bytes, str], fsync: bool = 
 
 
 def append_line(path: Union[str, Path], line: str) -> None:
-    """Append one whole line (metrics.jsonl); a failure is an OutputError naming the file."""
+    """Append one whole line (metrics.jsonl) or nothing: a full disk can take part of a write,
+    so on any failure the file is cut back to its length before, and OutputError names it.
+    (A process killed mid-write can still leave a torn tail; a resumed run rewrites the file.)"""
+    payload = (line if line.endswith("\n") else line + "\n").encode()
     try:
-        with open(path, "a") as fh:
-            fh.write(line if line.endswith("\n") else line + "\n")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as e:
         raise OutputError(describe(path, e)) from None
+    try:
+        before = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(payload):     # a short write (the disk filled) then fails on the rest
+                done += os.write(fd, payload[done:])
+        except BaseException as e:
+            try:
+                os.ftruncate(fd, before)   # drop the part that was written: whole or absent
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise OutputError(describe(path, e)) from None
+            raise
+    finally:
+        os.close(fd)

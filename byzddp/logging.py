@@ -14,8 +14,10 @@ leaves a stale lock), and a second run in the same folder is refused.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import math
 import os
 import sys
 import time
@@ -69,6 +71,11 @@ class RunFolder:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock = open(self.run_dir / LOCK, "a+")
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:    # a file system with a shorter limit than NAME_MAX
+                raise ConfigError(f"config key log.name: the run folder name {self.run_dir.name[:40]}... "
+                                  f"({len(self.run_dir.name.encode())} bytes) is too long for the file "
+                                  f"system under {blocker}; give a shorter log.name (or a shorter "
+                                  f"log.dir)") from None
             raise ConfigError(f"config key log.dir: cannot create the run folder {self.run_dir} "
                               f"({e.strerror or e}); set log.dir to a writable folder") from None
         try:
@@ -139,6 +146,33 @@ def claim(cfg, run_dir: Path, topo) -> Optional[RunFolder]:
     return folder
 
 
+def finite_json(record: dict) -> dict:
+    """`record` as strict JSON can hold it: JSON has no NaN or infinity, so a non-finite number
+    (a test loss of NaN, from Inf in the test features) becomes null, and `non_finite` maps
+    each such key (dotted into nested values) to what it was: "nan", "inf" or "-inf"."""
+    found: dict = {}
+
+    def clean(value, key: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[key] = "nan" if value != value else ("inf" if value > 0 else "-inf")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(record, "")
+    if found:
+        out["non_finite"] = {**(out.get("non_finite") or {}), **found}
+    return out
+
+
+def dumps(record: dict, **kwargs) -> str:
+    """One run file's JSON: strict (no NaN, no Infinity), as any JSON reader takes it."""
+    return json.dumps(finite_json(record), allow_nan=False, **kwargs)
+
+
 class RunLogger:
     def __init__(self, cfg, run_dir: Path, is_writer: bool):
         self.cfg, self.run_dir, self.is_writer = cfg, Path(run_dir), is_writer
@@ -157,7 +191,7 @@ class RunLogger:
         io.write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
         metrics = self.run_dir / "metrics.jsonl"
         # On resume keep exactly the evaluations the checkpoint knows about.
-        io.write_atomic(metrics, "".join(json.dumps(h) + "\n" for h in trainer.history))
+        io.write_atomic(metrics, "".join(dumps(h) + "\n" for h in trainer.history))
         # workers.participation < 1: one line per round, its drawn workers and which of them
         # attack. The draw is a function of (seed, step), so a resumed run rewrites the rounds
         # its checkpoint has taken and appends from there.
@@ -214,7 +248,7 @@ class RunLogger:
     def metrics(self, record: dict) -> None:
         if not self.is_writer:
             return
-        io.append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
+        io.append_line(self.run_dir / "metrics.jsonl", dumps(record))
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_accuracy']:.3f}")
         else:
@@ -242,7 +276,7 @@ class RunLogger:
         if not self.is_writer:
             return
         if summary is not None:
-            io.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            io.write_atomic(self.run_dir / "summary.json", dumps(summary, indent=2) + "\n")
         if self.wandb is not None:
             from byzddp import wandb_log
             handle, self.wandb = self.wandb, None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -125,5 +126,6 @@ def finish(handle: Optional[Any], summary: dict) -> None:
     except Exception as e:
         _warn("teardown", f"could not flush its files ({type(e).__name__})")
     if folder is not None:
-        print(f"byzddp: W&B offline run in {folder}; upload it with: wandb sync {folder}",
+        # Quoted: a log.dir or log.name with spaces or quotes must still paste into a shell.
+        print(f"byzddp: W&B offline run in {folder}; upload it with: wandb sync {shlex.quote(str(folder))}",
               file=sys.stderr, flush=True)

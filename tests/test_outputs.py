@@ -179,15 +179,14 @@ def test_full_disk_while_writing_the_summary_is_one_line(tmp_path, monkeypatch, 
 
 
 def test_full_disk_while_appending_metrics_is_one_line(tmp_path, monkeypatch, capsys):
-    import builtins
-    real = builtins.open
+    real = os.write
 
-    def full(path, mode="r", *a, **k):
-        if str(path).endswith("metrics.jsonl") and "a" in mode:
+    def full(fd, payload):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, mode, *a, **k)
+        return real(fd, payload)
 
-    monkeypatch.setattr(builtins, "open", full)
+    monkeypatch.setattr(io.os, "write", full)
     assert run(tmp_path) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "metrics.jsonl" in line and "No space left on device" in line

@@ -268,7 +268,9 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
     if not path.is_file():
         raise ConfigError(f"grid file {path} does not exist; pass an existing YAML file")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = config_mod.read_yaml(path.read_text(), yaml.SafeLoader) or {}
+    except config_mod.YAMLExpansionError as e:
+        raise ConfigError(f"grid file {path}: {e}") from None
     except yaml.YAMLError:
         raise ConfigError(f"grid file {path} is not valid YAML; fix its syntax") from None
     if not isinstance(spec, dict):

@@ -66,7 +66,7 @@ def write_csv(sweep: Sweep, records: List[Record]) -> Path:
     for r in records:
         s = r.summary or {}
         writer.writerow([r.run.id, r.run.role, r.status, *(r.run.point.get(a, "") for a in axes),
-                         r.run.seed, *("" if s.get(m) is None else s[m] for m in METRICS)])
+                         r.run.seed, *("" if recorded(s, m) is None else recorded(s, m) for m in METRICS)])
     return write_text(sweep.out / "results.csv", buf.getvalue())
 
 
@@ -126,7 +126,9 @@ class Table:
         means = [(sum(v) / len(v), c) for c in self.attacks
                  for v in [self.cells.get((row, c))] if v]
         pick = max if self.higher_is_worse else min
-        return pick(means, key=lambda m: m[0]) if means else None
+        # A diverged cell (NaN: a run's loss was not finite) is the worst case whichever way.
+        nan_is_worst = math.inf if self.higher_is_worse else -math.inf
+        return pick(means, key=lambda m: nan_is_worst if math.isnan(m[0]) else m[0]) if means else None
 
 
 def tables(sweep: Sweep, records: Sequence[Record], rows: Sequence[str], columns: Sequence[str],
@@ -177,8 +179,19 @@ def tables(sweep: Sweep, records: Sequence[Record], rows: Sequence[str], columns
     return out
 
 
+def recorded(summary: Optional[dict], metric: str) -> Any:
+    """A summary's value of `metric`; a non-finite number, written as null with its kind in
+    `non_finite` (strict JSON), comes back as that float."""
+    summary = summary or {}
+    v, flags = summary.get(metric), summary.get("non_finite")
+    flag = flags.get(metric) if isinstance(flags, dict) else None
+    if v is None and flag in ("nan", "inf", "-inf"):
+        return float(flag)
+    return v
+
+
 def _metric(rec: Record, metric: str) -> Optional[float]:
-    v = (rec.summary or {}).get(metric)
+    v = recorded(rec.summary, metric)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 

@@ -243,6 +243,8 @@ def write_markdown(sweep: Sweep, records: List[Record],
     done = sum(r.status == "done" for r in records)
     metrics = compared_metrics(sweep, records)
     several = len(sweep.seeds) > 1
+    worse = ", ".join(m for m in metrics if m in HIGHER_IS_WORSE)
+    worse = f"; the highest for {worse}" if worse else ""
     spread = (f"mean +- std over seeds {', '.join(map(str, sweep.seeds))} (sample std, n - 1) and in "
               f"brackets the 95% confidence interval of the mean (Student t, n - 1 degrees of freedom)"
               if several else f"one seed ({sweep.seeds[0]}): single runs, no standard deviation and "
@@ -250,7 +252,7 @@ def write_markdown(sweep: Sweep, records: List[Record],
     lines = [f"# Sweep {sweep.name}", "",
              f"{' and '.join(metrics)}; accuracies and rates in %; {spread}; (k/n): only k of n "
              f"seeds finished; -: none finished; {WORST}: the row's worst mean under attack (the "
-             f"lowest; the highest for {', '.join(HIGHER_IS_WORSE)}), and which. "
+             f"lowest{worse}), and which. "
              f"Runs finished: {done}/{len(records)}.", ""]
     for metric in metrics:
         if len(metrics) > 1:

@@ -401,3 +401,35 @@ def test_no_diagnostics_recorded_no_diagnostics_plot_nor_tables(tmp_path):
     md = out["markdown"].read_text()
     assert "mean_kappa" not in md and "## Paired differences" in md
     assert [r["mean_kappa"] for r in csv.DictReader(out["csv"].open())] == ["", ""]
+
+
+# ---------------------------------------------------------------------------- a real sweep
+
+@pytest.mark.slow
+def test_a_real_sweep_pairs_its_runs_seed_by_seed(tmp_path, monkeypatch, capsys):
+    """train.py for 2 seeds x {no resampling, resampling}: paired.csv is the per-seed difference
+    of the runs' own summaries, and the pairs share the honest draws."""
+    spec = {"name": "real-paired",
+            "set": {"train.steps": 4, "train.eval_every": 2, "workers.n": 5, "workers.byzantine": 1,
+                    "aggregator.name": "cm", "attack.name": "bitflip", "resampling.s": 2,
+                    "data.partition": "sorted", "model.hidden": [8], "data.test_size": 200,
+                    "train.batch_size": 8},
+            "grid": {"resampling.name": ["none", "s_replacement"]},
+            "seeds": [0, 1], "plots": []}
+    grid = write_grid(tmp_path, spec)
+    out = tmp_path / "out"
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    assert sweep.main([str(grid), "--out", str(out), "--jobs", "2"]) == 0, capsys.readouterr().err[-3000:]
+    summaries = {p.name: json.loads((p / "summary.json").read_text()) for p in (out / "runs").iterdir()}
+    rows = list(csv.DictReader((out / "paired.csv").open()))
+    main = [r for r in rows if r["metric"] == "final_test_accuracy_last5"]
+    assert len(main) == 1 and main[0]["arm"] == "s_replacement" and main[0]["shared_randomness"] == "yes"
+    diffs = [summaries[f"s_replacement-seed{s}"]["final_test_accuracy_last5"]
+             - summaries[f"none-seed{s}"]["final_test_accuracy_last5"] for s in (0, 1)]
+    m, low, high = mean_ci(diffs)
+    assert float(main[0]["mean_difference"]) == pytest.approx(m, abs=1e-12)
+    assert (float(main[0]["ci_low"]), float(main[0]["ci_high"])) == pytest.approx((low, high), abs=1e-12)
+    assert "## Paired differences" in (out / "results.md").read_text()
+    if "mean_kappa" in summaries["none-seed0"]:     # the server records its diagnostics
+        assert any(r["metric"] == "mean_kappa" for r in rows)
+        assert "## mean_kappa" in (out / "results.md").read_text()

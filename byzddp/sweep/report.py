@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from byzddp import io as run_io
-from byzddp.sweep import paired as paired_mod
+import byzddp.sweep.paired as paired_mod
 from byzddp.sweep.grid import Resolver, Run, Sweep, combos
 from byzddp.sweep.grid import where as where_
 from byzddp.sweep.runner import read_summary, status

@@ -6,7 +6,10 @@ Three kinds, each a function from plain data to a PNG, so they are usable outsid
 - `selection_histogram`: how often each logical worker was selected by the rule (Krum),
   Byzantine workers in red and hatched; with a rotating Byzantine set (no fixed ids) the
   bars are not split and the panel says so;
-- `heatmap`: final accuracy over (rule x attack), one grid per split value, numbers written in.
+- `heatmap`: final accuracy over (rule x attack), one grid per split value, numbers written in;
+- `diagnostic_curves`: per row (a setting), test accuracy beside the server's per-round
+  diagnostics (empirical kappa on a log scale, the Byzantine and honest selection rates),
+  one colour per series, mean over seeds with a min-max band.
 `byzddp.sweep.report` gathers the data from run folders and calls these. Files are written
 with byzddp.io.write_atomic: a reader never sees half a PNG.
 """
@@ -38,8 +41,9 @@ class Series:
     dotted: bool = False             # reference (f = 0) lines are dotted
 
 
-def mean_band(curves: Sequence[Curve]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Steps, mean, min and max over seeds, in percent.
+def mean_band(curves: Sequence[Curve], factor: float = 100.0
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps, mean, min and max over seeds, times `factor` (percent by default).
 
     Seeds are compared at the steps they all evaluated; where they share none (a run cut
     short), each step is averaged over the seeds that have it.
@@ -53,7 +57,7 @@ def mean_band(curves: Sequence[Curve]) -> Tuple[np.ndarray, np.ndarray, np.ndarr
     steps = sorted(common) if common else sorted(set().union(*tables))
     mean, lo, hi = [], [], []
     for s in steps:
-        values = [100.0 * t[s] for t in tables if s in t]
+        values = [factor * t[s] for t in tables if s in t]
         mean.append(sum(values) / len(values))
         lo.append(min(values))
         hi.append(max(values))
@@ -226,4 +230,61 @@ def heatmap(matrices: Sequence[Matrix], path: Path, label: str = "test accuracy 
                         color="white" if math.isnan(v) or v < 60 else "black")
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.9)
+    return _save(fig, path)
+
+
+@dataclass
+class Quantity:
+    """One column of the diagnostics figure: a per-round key of metrics.jsonl."""
+    key: str
+    label: str                       # the y axis
+    factor: float = 1.0              # 100: a share in [0, 1] shown in %
+    log: bool = False                # kappa spans orders of magnitude across rules and attacks
+
+
+def diagnostic_curves(panels: Dict[Tuple[str, str], List[Series]], rows: Sequence[str],
+                      quantities: Sequence[Quantity], path: Path, title: str = "") -> Path:
+    """One row per setting, one column per quantity; panels keyed by (row, quantity key)."""
+    fig, axes = plt.subplots(max(len(rows), 1), len(quantities), squeeze=False, sharex=True,
+                             sharey="col", figsize=(3.3 * len(quantities), 2.5 * max(len(rows), 1)))
+    for i, r in enumerate(rows):
+        for j, q in enumerate(quantities):
+            ax = axes[i][j]
+            drawn = False
+            for series in panels.get((r, q.key), []):
+                steps, mean, lo, hi = mean_band(series.curves, q.factor)
+                if len(steps) == 0:
+                    continue
+                colour = _colour(series.colour)
+                ax.plot(steps, mean, color=colour, linestyle=":" if series.dotted else "-",
+                        linewidth=1.4, label=series.label, marker="." if len(steps) < 3 else None)
+                if len(series.curves) > 1:
+                    ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, linewidth=0)
+                drawn = True
+            if q.factor == 100.0:
+                ax.set_ylim(-3, 103)     # shares: the whole range, comparable across rows
+            if drawn and q.log and all((mean > 0).all() for mean in
+                                       (line.get_ydata() for line in ax.get_lines())):
+                ax.set_yscale("log")
+            if i == 0:
+                ax.set_title(q.label, fontsize=9)
+            if j == 0 and r:
+                ax.set_ylabel(r, fontsize=8)
+            if i == len(rows) - 1:
+                ax.set_xlabel("step")
+            ax.grid(True, alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if not drawn:
+                ax.text(0.5, 0.5, "not recorded", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8, color="grey")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    handles: dict = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="upper center",
+                   bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 4), fontsize=8, frameon=False)
     return _save(fig, path)

@@ -461,12 +461,15 @@ def test_results_csv_and_markdown_from_run_folders(tmp_path):
             assert row["status"] == "pending" and row["final_test_accuracy_last5"] == ""
 
     def brute(values):
+        # mean +- sample std [95% CI: mean -+ t s / sqrt(k), t from the printed table]
         values = [100.0 * v for v in values]
-        m = sum(values) / len(values)
-        s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-        return f"{m:.2f} +- {s:.2f}"
+        k = len(values)
+        m = sum(values) / k
+        s = math.sqrt(sum((v - m) ** 2 for v in values) / (k - 1))
+        half = {2: 12.706205, 3: 4.302653}[k] * s / math.sqrt(k)
+        return f"{m:.2f} +- {s:.2f} [{m - half:.2f}, {m + half:.2f}]"
 
-    md = report["markdown"].read_text()
+    md = report["markdown"].read_text().split("## Paired differences")[0]   # tested in test_paired.py
     tables = {}
     current = None
     for line in md.splitlines():

@@ -7,6 +7,8 @@
   its expansion into runs; its docstring is the format's specification;
 - `runner`: run state and resume, the local pool, torchrun, the Slurm run list;
 - `report`: records, results.csv, results.md (statistics, worst case), the plots;
+- `paired`: paired differences against each axis's baseline (paired.csv), and whether two
+  runs share the honest workers' draws; `stats`: Student t quantiles and intervals;
 - `cli`: the command line.
 """
 
@@ -14,7 +16,7 @@ from byzddp.sweep.cli import main
 from byzddp.sweep.grid import Axis, Run, Sweep, Value, combos, load_grid, yaml_scalar
 from byzddp.sweep.report import (METRICS, Record, Table, collect, draw_plots, format_cell,
                                  mean_std, read_curve, selection_total, tables, write_csv,
-                                 write_markdown, write_report)
+                                 write_markdown, write_paired, write_report)
 from byzddp.sweep.runner import (folder_hash, prepare, read_summary, run_sweep, status,
                                  train_args, train_command, write_run_list)
 
@@ -22,4 +24,4 @@ __all__ = ["Axis", "METRICS", "Record", "Run", "Sweep", "Table", "Value", "colle
            "draw_plots", "folder_hash", "format_cell", "load_grid", "main", "mean_std",
            "prepare", "read_curve", "read_summary", "run_sweep", "selection_total", "status",
            "tables", "train_args", "train_command", "write_csv", "write_markdown",
-           "write_report", "write_run_list", "yaml_scalar"]
+           "write_paired", "write_report", "write_run_list", "yaml_scalar"]

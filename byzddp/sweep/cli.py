@@ -55,7 +55,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.report_only:
             failed = run_sweep(sweep, args.jobs, args.nproc, args.wandb)
         report = write_report(sweep)
-        print(f"wrote {report['csv']}, {report['markdown']} and {len(report['plots'])} plot(s) "
+        print(f"wrote {report['csv']}, {report['markdown']}, {report['paired']} and "
+              f"{len(report['plots'])} plot(s) "
               f"in {sweep.out / 'plots'}", file=sys.stderr)
         if failed:
             print(f"{len(failed)} run(s) failed: {', '.join(failed)}; logs in {sweep.out / 'logs'}",

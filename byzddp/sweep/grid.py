@@ -28,10 +28,13 @@ Grid file (YAML)
       label: f=0
       set: {attack.name: none, workers.n: 8, workers.byzantine: 0}
     table: {rows: rule, columns: attack.name, split: resampling.name}
+    baseline: {resampling.name: none}   # the arm each axis is compared against, seed by seed
+                                        # (default: each axis's first value)
     plots:
       - {kind: curves, rows: attack.name, columns: rule, hue: resampling.name}
       - {kind: selection, columns: resampling.name, where: {rule: krum}}
       - {kind: heatmap, rows: rule, columns: attack.name, split: resampling.name}
+      - {kind: diagnostics, rows: attack.name, hue: resampling.name}   # kappa, selection rates
 
 Conditions (`if`, `exclude`, `where`) name a case axis (matched against the case's name) or
 a dotted config key (matched against the run's resolved value). Overrides apply in this
@@ -53,6 +56,10 @@ config_hash of the run's resolved config; finished runs are never run again (res
 folder of another config (its summary.json or config.yaml says so) is moved to <out>/stale/
 before the run starts; an unfinished one of the same config is continued (train.resume=auto).
 
+Paired differences (results.md, paired.csv): runs that differ only in one axis's value, at
+the same seed and the same values of every other axis, are compared seed by seed against
+that axis's baseline value: byzddp/sweep/paired.py.
+
 Table and plot layouts name axes; `rows`, `columns`, `split` and `hue` take one axis or a
 list. Axes a layout leaves out (other than the seed) become separate tables or figure files.
 The tables' worst-case column and the plots: byzddp/sweep/report.py.
@@ -73,8 +80,8 @@ from byzddp import config as config_mod
 from byzddp.config import DEFAULT_CONFIG, ConfigError
 
 GRID_KEYS = ("name", "base", "set", "cases", "grid", "seeds", "when", "exclude", "reference",
-             "table", "plots")
-PLOT_KINDS = ("curves", "selection", "heatmap")
+             "table", "baseline", "plots")
+PLOT_KINDS = ("curves", "selection", "heatmap", "diagnostics")
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
 
@@ -109,6 +116,7 @@ class Run:
     seed: int
     overrides: Dict[str, Any]        # dotted key -> value, in application order
     hash: str = ""                   # config_hash of the resolved config
+    config: Any = field(default=None, repr=False, compare=False)   # the resolved config
 
     def override_args(self) -> List[str]:
         return [f"{k}={yaml_scalar(v)}" for k, v in self.overrides.items()]
@@ -130,6 +138,7 @@ class Sweep:
     plots: List[Dict[str, Any]]
     out: Path
     runs: List[Run] = field(default_factory=list)
+    baseline: Dict[str, str] = field(default_factory=dict)   # axis -> the label paired against
     dropped: List[str] = field(default_factory=list)   # axes reference runs leave out
     notes: List[str] = field(default_factory=list)     # config warnings, one per run
 
@@ -368,13 +377,13 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
                      {"kind": "heatmap", "rows": table["rows"], "columns": table["columns"],
                       "split": table["split"]}]
     if not isinstance(raw_plots, list):
-        raise _err(path, "plots", "expected a list of {kind: curves|selection|heatmap, ...}")
+        raise _err(path, "plots", "expected a list of {kind: curves|selection|heatmap|diagnostics, ...}")
     for i, p in enumerate(raw_plots):
         p = _mapping(path, f"plots[{i}]", p)
         if p.get("kind") not in PLOT_KINDS:
             raise _err(path, f"plots[{i}].kind", f"'{p.get('kind')}' is not one of {', '.join(PLOT_KINDS)}")
         allowed = {"kind", "rows", "columns", "where", "file",
-                   "hue" if p["kind"] == "curves" else "split"}
+                   "hue" if p["kind"] in ("curves", "diagnostics") else "split"}
         for k in p:
             if k not in allowed:
                 raise _err(path, f"plots[{i}].{k}", f"unknown key; valid: {', '.join(sorted(allowed))}")
@@ -384,8 +393,21 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
         plot["where"] = _parse_condition(path, f"plots[{i}].where", p["where"]) if p.get("where") else {}
         plots.append(plot)
 
+    baseline = {a.name: a.values[0].label for a in axes}
+    for axis_name, value in _mapping(path, "baseline", spec.get("baseline")).items():
+        if str(axis_name) not in axis_names:
+            raise _err(path, f"baseline.{axis_name}", f"not an axis of this sweep; axes: "
+                                                      f"{', '.join(axis_names) or 'none'}")
+        axis = next(a for a in axes if a.name == str(axis_name))
+        label = next((v.label for v in axis.values if v.label == str(value)
+                      or (not axis.is_case and yaml_scalar(v.overrides[axis.name]) == yaml_scalar(value))), None)
+        if label is None:
+            raise _err(path, f"baseline.{axis_name}", f"{value!r} is not one of the axis's values: "
+                                                      f"{', '.join(axis.labels())}")
+        baseline[axis.name] = label
+
     sweep = Sweep(sweep_name, path, base, axes, seeds, ref_label, table, plots,
-                  Path(out) if out else Path("runs") / "sweeps" / sweep_name)
+                  Path(out) if out else Path("runs") / "sweeps" / sweep_name, baseline=baseline)
     resolver = Resolver(base)
 
     def compose(values: Sequence[Value], reference_set: Optional[dict], point: Dict[str, str],
@@ -438,7 +460,7 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
             warnings.simplefilter("always")
             try:
                 cfg = config_mod.load(base, run.override_args())
-                run.hash = config_mod.config_hash(cfg)
+                run.hash, run.config = config_mod.config_hash(cfg), cfg
             except ConfigError as e:
                 problems.append(f"run {run.id}: {e}")
         # E.g. a rule run outside its guarantee on purpose (allow_unsafe): say it once.

@@ -1,10 +1,14 @@
 """Results of a sweep: records of its runs, results.csv, results.md and the plots.
 
-results.md holds one table per value of the split axes: `metric` in %, mean +- sample std
-over seeds per (row, column), an extra column (or row) for the reference runs, and, when
+results.md holds one table per value of the split axes: `metric` (accuracies and rates in %),
+mean +- sample std over seeds per (row, column) and, with two seeds or more, the 95% Student t
+interval of the mean in brackets, an extra column (or row) for the reference runs, and, when
 the table's columns include the attack axis (an axis that sets attack.name), a worst-case
 column: per row, the lowest seed mean over the row's attack cells (attack.name none is not
-an attack) and which column it was, e.g. "41.20 (alie)". Plots are drawn by byzddp.plots
+an attack) and which column it was, e.g. "41.20 (alie)". Runs that recorded the server's
+diagnostics (summary.json's mean_kappa, ...) get tables of those too, and a "Paired
+differences" section compares each axis's values against its baseline seed by seed
+(byzddp/sweep/paired.py; also paired.csv). Plots are drawn by byzddp.plots
 from the same records; Krum's selection counts mark the Byzantine workers only where the
 run's set was fixed (the last f): a rotating set (attack.rotate) is a fresh draw per step,
 so counts summed over steps have no honest/Byzantine split, and the plot says so.
@@ -20,16 +24,36 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from byzddp import io as run_io
+import byzddp.sweep.paired as paired_mod
 from byzddp.sweep.grid import Resolver, Run, Sweep, combos
 from byzddp.sweep.grid import where as where_
 from byzddp.sweep.runner import read_summary, status
+from byzddp.sweep.stats import mean_ci
 
+# The server's per-round diagnostics, averaged over a run (summary.json), where recorded.
+DIAGNOSTICS = ("mean_kappa", "mean_aggregation_error", "mean_honest_variance", "mean_update_cosine",
+               "mean_byzantine_selection_rate", "mean_honest_selection_rate")
+# Those results.md shows as tables (and compares in paired.csv) when the runs recorded them.
+DIAGNOSTIC_TABLES = ("mean_kappa", "mean_byzantine_selection_rate", "mean_honest_selection_rate")
 METRICS = ("final_test_accuracy", "final_test_accuracy_last5", "best_test_accuracy",
-           "final_test_loss", "final_attack_success_rate", "steps", "wall_seconds", "byzantine_declared", "byzantine_real",
-           "attack", "config_hash")
+           "final_test_loss", "final_attack_success_rate", *DIAGNOSTICS, "steps", "wall_seconds",
+           "byzantine_declared", "byzantine_real", "attack", "config_hash")
 WORST = "worst case"
 # Metrics an attacker drives up: their worst case is the highest mean, not the lowest.
-HIGHER_IS_WORSE = ("final_test_loss", "final_attack_success_rate")
+HIGHER_IS_WORSE = paired_mod.LOWER_IS_BETTER
+# Per-round keys of metrics.jsonl drawn by the diagnostics plot, with their axis labels.
+CURVE_KEYS = (("test_accuracy", "test accuracy (%)"), ("kappa", "empirical kappa"),
+              ("byzantine_selection_rate", "Byzantine selection rate (%)"),
+              ("honest_selection_rate", "honest selection rate (%)"))
+
+
+def percent(metric: str) -> bool:
+    """Accuracies and rates (shares in [0, 1]) are shown in %; other metrics as they are."""
+    return "accuracy" in metric or metric.endswith("_rate")
+
+
+def scale(metric: str) -> float:
+    return 100.0 if percent(metric) else 1.0
 
 
 @dataclass
@@ -112,11 +136,11 @@ def _rest(sweep: Sweep, *used: Sequence[str]) -> List[str]:
 
 @dataclass
 class Table:
-    """Mean over seeds (%) per (row, column) of one split value; None where nothing finished."""
+    """Values over seeds per (row, column) of one split value (in % for accuracies and rates)."""
     title: str
     rows: List[str]
     columns: List[str]
-    cells: Dict[Tuple[str, str], List[float]]   # metric values in %, one per seed
+    cells: Dict[Tuple[str, str], List[float]]   # metric values (scaled), one per seed
     attacks: List[str] = field(default_factory=list)  # the columns whose runs attack
     higher_is_worse: bool = False                     # the metric's worst case is its highest
 
@@ -156,7 +180,7 @@ def tables(sweep: Sweep, records: Sequence[Record], rows: Sequence[str], columns
         attack_columns: set = set()
 
         def fill(r: str, c: str, recs: List[Record]) -> None:
-            values = [100.0 * v for v in (_metric(x, metric) for x in recs) if v is not None]
+            values = [scale(metric) * v for v in (_metric(x, metric) for x in recs) if v is not None]
             if values:
                 cells[(r, c)] = values
 
@@ -195,31 +219,61 @@ def _metric(rec: Record, metric: str) -> Optional[float]:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def format_cell(values: Sequence[float], seeds: int) -> str:
+def number(value: float, in_percent: bool = True) -> str:
+    return f"{value:.2f}" if in_percent else f"{value:.4g}"
+
+
+def format_cell(values: Sequence[float], seeds: int, in_percent: bool = True) -> str:
+    """mean +- std [95% CI of the mean] over seeds; a single seed: its value alone."""
     if not values:
         return "-"
     mean, std = mean_std(values)
-    text = f"{mean:.2f} +- {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+    text = number(mean, in_percent)
+    if len(values) > 1:
+        _, low, high = mean_ci(values)
+        text += f" +- {number(std, in_percent)} [{number(low, in_percent)}, {number(high, in_percent)}]"
     return text + (f" ({len(values)}/{seeds})" if len(values) < seeds else "")
 
 
-def format_worst(worst: Optional[Tuple[float, str]]) -> str:
-    return "-" if worst is None else f"{worst[0]:.2f} ({worst[1]})"
+def format_worst(worst: Optional[Tuple[float, str]], in_percent: bool = True) -> str:
+    return "-" if worst is None else f"{number(worst[0], in_percent)} ({worst[1]})"
 
 
-def write_markdown(sweep: Sweep, records: List[Record]) -> Path:
+def diagnostics_present(records: Sequence[Record]) -> List[str]:
+    """The diagnostic run means that some finished run recorded."""
+    return [m for m in DIAGNOSTIC_TABLES if any(_metric(r, m) is not None for r in records)]
+
+
+def compared_metrics(sweep: Sweep, records: Sequence[Record]) -> List[str]:
+    """The table's metric, its `also` metrics, then the diagnostics the runs recorded."""
+    metrics = [sweep.table["metric"], *sweep.table.get("also", [])]
+    return metrics + [m for m in diagnostics_present(records) if m not in metrics]
+
+
+def write_markdown(sweep: Sweep, records: List[Record],
+                   pairs: Optional[List[paired_mod.Paired]] = None) -> Path:
     t = sweep.table
     done = sum(r.status == "done" for r in records)
-    metrics = [t["metric"], *t.get("also", [])]
+    metrics = compared_metrics(sweep, records)
+    several = len(sweep.seeds) > 1
+    worse = ", ".join(m for m in metrics if m in HIGHER_IS_WORSE)
+    worse = f"; the highest for {worse}" if worse else ""
+    spread = (f"mean +- std over seeds {', '.join(map(str, sweep.seeds))} (sample std, n - 1) and in "
+              f"brackets the 95% confidence interval of the mean (Student t, n - 1 degrees of freedom)"
+              if several else f"one seed ({sweep.seeds[0]}): single runs, no standard deviation and "
+                              f"no confidence interval")
     lines = [f"# Sweep {sweep.name}", "",
-             f"{' and '.join(metrics)} in %, mean +- std over seeds {', '.join(map(str, sweep.seeds))} "
-             f"(sample std, n - 1); (k/n): only k of n seeds finished; -: none finished; "
-             f"{WORST}: the row's worst mean under attack (the lowest; the highest for "
-             f"{', '.join(HIGHER_IS_WORSE)}), and which. Runs finished: {done}/{len(records)}.", ""]
+             f"{' and '.join(metrics)}; accuracies and rates in %; {spread}; (k/n): only k of n "
+             f"seeds finished; -: none finished; {WORST}: the row's worst mean under attack (the "
+             f"lowest{worse}), and which. "
+             f"Runs finished: {done}/{len(records)}.", ""]
     for metric in metrics:
         if len(metrics) > 1:
             lines += [f"## {metric}", ""]
         lines += _metric_tables(sweep, records, metric, "###" if len(metrics) > 1 else "##")
+    if pairs is None:
+        pairs = paired_mod.paired(sweep, records, metrics)
+    lines += _paired_section(sweep, pairs, [t["metric"], *t.get("also", [])])
     unfinished = [r.run.id for r in records if r.status == "unfinished"]
     if unfinished:
         lines += [f"Started but not finished ({len(unfinished)}); logs in {sweep.out / 'logs'}:", ""]
@@ -227,8 +281,34 @@ def write_markdown(sweep: Sweep, records: List[Record]) -> Path:
     return write_text(sweep.out / "results.md", "\n".join(lines))
 
 
+def _paired_section(sweep: Sweep, pairs: List[paired_mod.Paired], metrics: Sequence[str]) -> List[str]:
+    lines = ["## Paired differences", ""]
+    baselines = ", ".join(f"{a} = {v}" for a, v in sweep.baseline.items()
+                          if len(sweep.axis(a).values) > 1)
+    if not baselines:
+        return lines + ["No axis has two values: nothing to compare.", ""]
+    lines += [f"Each arm against its axis's baseline ({baselines}), seed by seed: the runs of a pair "
+              f"have the same seed and the same values of every other axis (the cell). Mean "
+              f"difference arm - baseline over the seeds where both finished"
+              + (", its 95% confidence interval (Student t over the per-seed differences)" if len(sweep.seeds) > 1
+                 else "; one seed, so no confidence interval (-)")
+              + "; wins: seeds where the arm did better. honest draws: shared when both runs give "
+                "every worker honest in both the same model initialisation and the same batches at "
+                "every step (same seed, same shards); differ names what does not match (shards: "
+                "attack none gives all n workers a shard, an attack the n - f honest ones), and there "
+                "the pairing removes less of the seed's noise. Every row is in paired.csv.", ""]
+    for metric in metrics:
+        unit = " (points of %)" if percent(metric) else ""
+        heading = "###" if len(metrics) == 1 else "####"
+        if len(metrics) > 1:
+            lines += [f"### {metric}", ""]
+        lines += paired_mod.markdown(sweep, pairs, metric, scale(metric), unit, heading)
+    return lines
+
+
 def _metric_tables(sweep: Sweep, records: List[Record], metric: str, heading: str) -> List[str]:
     t, lines = sweep.table, []
+    in_percent = percent(metric)
     for table in tables(sweep, records, t["rows"], t["columns"], t["split"], metric):
         if table.title:
             lines += [f"{heading} {table.title}", ""]
@@ -236,29 +316,34 @@ def _metric_tables(sweep: Sweep, records: List[Record], metric: str, heading: st
         lines.append("| " + " | ".join([", ".join(t["rows"]) or "sweep", *columns]) + " |")
         lines.append("|" + "---|" * (len(columns) + 1))
         for r in table.rows:
-            cells = [format_cell(table.cells.get((r, c), []), len(sweep.seeds)) for c in table.columns]
+            cells = [format_cell(table.cells.get((r, c), []), len(sweep.seeds), in_percent)
+                     for c in table.columns]
             if table.attacks:
-                cells.append(format_worst(table.worst(r)))
+                cells.append(format_worst(table.worst(r), in_percent))
             lines.append("| " + " | ".join([r or sweep.name, *cells]) + " |")
         lines.append("")
     return lines
 
 
-def read_curve(run_dir: Path) -> Tuple[List[int], List[float]]:
-    """(steps, test accuracies) from metrics.jsonl; a line cut by a crash is skipped."""
-    steps, acc = [], []
+def read_curve(run_dir: Path, key: str = "test_accuracy") -> Tuple[List[int], List[float]]:
+    """(steps, values of `key`) from metrics.jsonl: the lines that hold a number for it (a
+    line cut by a crash, or one without the key, is skipped)."""
+    steps, values = [], []
     try:
         text = (run_dir / "metrics.jsonl").read_text()
     except OSError:
-        return steps, acc
+        return steps, values
     for line in text.splitlines():
         try:
             rec = json.loads(line)
+            value = rec[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
             steps.append(int(rec["step"]))
-            acc.append(float(rec["test_accuracy"]))
-        except (ValueError, KeyError, TypeError):
+            values.append(float(value))
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
-    return steps, acc
+    return steps, values
 
 
 def byzantine_ids(summary: dict, n: int) -> Optional[set]:
@@ -308,10 +393,13 @@ def draw_plots(sweep: Sweep, records: List[Record]) -> List[Path]:
     written: List[Path] = []
     counters: Dict[str, int] = {}
     folder = sweep.out / "plots"
-    for plot in sweep.plots:
+    for plot in sweep.plots + _default_diagnostics(sweep):
         index = counters[plot["kind"]] = counters.get(plot["kind"], -1) + 1
         recs = where_(sweep, records, plot["where"])
         rows, columns = plot["rows"], plot["columns"]
+        if plot["kind"] == "diagnostics":
+            written += _diagnostics(sweep, plot, index, recs, folder)
+            continue
         if plot["kind"] == "heatmap":
             mats = []
             for t in tables(sweep, recs, rows, columns, plot["split"], sweep.table["metric"]):
@@ -363,9 +451,63 @@ def draw_plots(sweep: Sweep, records: List[Record]) -> List[Path]:
     return written
 
 
+DIAGNOSTIC_ROWS = 8     # a default diagnostics figure taller than this is split by columns
+
+
+def _default_diagnostics(sweep: Sweep) -> List[dict]:
+    """Without a diagnostics plot in the grid: one laid out as the first curves plot, its
+    panels as rows (split into one figure per column value when that makes too many rows)."""
+    if any(p["kind"] == "diagnostics" for p in sweep.plots):
+        return []
+    curves = next((p for p in sweep.plots if p["kind"] == "curves"), None)
+    if curves is None:
+        return []
+    rows = curves["rows"] + curves["columns"]
+    if len(combos(sweep, rows)) > DIAGNOSTIC_ROWS and curves["columns"]:
+        rows = curves["rows"]
+    return [{"kind": "diagnostics", "file": None, "rows": rows, "columns": [],
+             "hue": curves["hue"], "where": curves["where"]}]
+
+
+def _diagnostics(sweep: Sweep, plot: dict, index: int, recs: List[Record], folder: Path) -> List[Path]:
+    """Test accuracy beside kappa and the selection rates over steps, one row per setting of
+    the plot's rows, one figure per value of the axes it leaves out; written only where some
+    run recorded a diagnostic."""
+    from byzddp import plots as P
+
+    quantities = [P.Quantity(key, label, scale(key) if key != "kappa" else 1.0, key == "kappa")
+                  for key, label in CURVE_KEYS]
+    rows, hue = plot["rows"], plot["hue"]
+    row_sets = combos(sweep, rows)
+    written = []
+    for figure in combos(sweep, _rest(sweep, rows, hue)):
+        panels: Dict[Tuple[str, str], List[Any]] = {}
+        recorded = False
+        for rl in row_sets:
+            for k, hl in enumerate(combos(sweep, hue)):
+                found = select(recs, {**figure, **rl, **hl}, "main")
+                if not found:
+                    continue
+                for q in quantities:
+                    curves = [read_curve(x.run_dir, q.key) for x in found]
+                    if any(steps for steps, _ in curves):
+                        recorded = recorded or q.key != "test_accuracy"
+                        panels.setdefault((titled(sweep, rl), q.key), []).append(
+                            P.Series(titled(sweep, hl) or sweep.name, k, curves))
+        if recorded:
+            written.append(P.diagnostic_curves(
+                panels, [titled(sweep, r) for r in row_sets], quantities,
+                folder / _file(sweep, plot, index, figure),
+                title=f"{sweep.name}: diagnostics" + (f" ({titled(sweep, figure)})" if figure else "")))
+    return written
+
+
+def write_paired(sweep: Sweep, pairs: List[paired_mod.Paired]) -> Path:
+    return write_text(sweep.out / "paired.csv", paired_mod.to_csv(sweep, pairs))
 
 
 def write_report(sweep: Sweep) -> Dict[str, Any]:
     records = collect(sweep)
-    return {"csv": write_csv(sweep, records), "markdown": write_markdown(sweep, records),
-            "plots": draw_plots(sweep, records)}
+    pairs = paired_mod.paired(sweep, records, compared_metrics(sweep, records))
+    return {"csv": write_csv(sweep, records), "markdown": write_markdown(sweep, records, pairs),
+            "paired": write_paired(sweep, pairs), "plots": draw_plots(sweep, records)}

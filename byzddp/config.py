@@ -136,7 +136,7 @@ class TrainConfig:
     check_every: int = 50           # replica checksum interval (0: off)
     checkpoint_every: int = 200     # steps between checkpoints (0: off)
     keep_checkpoints: int = 2       # checkpoints kept: the newest, and one to fall back on
-    resume: str = "off"             # off | auto | path to a checkpoint
+    resume: str = "off"             # off | auto | fresh (set the folder's earlier run aside) | path
     device: str = "auto"            # auto | cpu | cuda
     backend: str = "auto"           # auto | gloo | nccl
     timeout_s: float = 600.0        # collective timeout
@@ -483,5 +483,6 @@ def validate(cfg: Config) -> None:
     if cfg.data.byzantine_data == "own" and not cfg.attack.rotate and attacks.real_f(cfg) > 0:
         raise ConfigError("data.byzantine_data=own needs attack.rotate=true (a fixed Byzantine "
                           "set holds no shard); use data.byzantine_data=all")
-    if t.resume not in ("off", "auto") and not Path(t.resume).is_file():
-        raise ConfigError(f"config key train.resume: {t.resume} does not exist; use off, auto or a checkpoint path")
+    if t.resume not in ("off", "auto", "fresh") and not Path(t.resume).is_file():
+        raise ConfigError(f"config key train.resume: {t.resume} does not exist; use off, auto, fresh or a "
+                          f"checkpoint path")

@@ -411,11 +411,12 @@ def _name(key: str, value: Optional[str]) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no data and no process group."""
-    if not plugins.is_path(cfg.data.dataset):
-        _choice("data.dataset", cfg.data.dataset, DATASETS)
+    # Each component's module holds its table of built-in names (byzddp.plugins resolves a name,
+    # built-in or import path, for all of them); importing them registers the tables.
+    from byzddp import attacks, data, models, pipeline
+    plugins.resolve("data.dataset", cfg.data.dataset)
     _choice("data.partition", cfg.data.partition, PARTITIONS)
-    if not plugins.is_path(cfg.model.name):
-        _choice("model.name", cfg.model.name, MODELS)
+    plugins.resolve("model.name", cfg.model.name)
     if cfg.data.classes is not None:
         _positive("data.classes", cfg.data.classes)
     _choice("log.wandb", cfg.log.wandb, ("off", "offline", "online"))
@@ -474,7 +475,6 @@ def validate(cfg: Config) -> None:
                           f"svhn); set data.dataset to one of them or model.name=mlp|cnn")
     # Model, data, rule, pre-aggregation and attack checks live beside their code (plug-ins are
     # imported there, so that a bad import path fails here, before anything starts).
-    from byzddp import attacks, data, models, pipeline
     models.validate(cfg)
     data.validate(cfg)
     pipeline.validate(cfg)

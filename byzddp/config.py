@@ -240,6 +240,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return str(value)
         if isinstance(value, bool):  # YAML reads `off`/`on` as booleans
             return "on" if value else "off"
+        if isinstance(value, dict) and len(value) == 1 and None in value.values():
+            # YAML reads `pkg.mod:` as {pkg.mod: None}: the text was a name ending in ':'
+            (name,) = value
+            if isinstance(name, str):
+                return f"{name}:"
     raise ConfigError(f"config key {key}: expected {getattr(hint, '__name__', hint)}, "
                       f"got {value!r}; give a value of that type")
 

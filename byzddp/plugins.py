@@ -188,9 +188,14 @@ def load(key: str, name: str) -> Any:
         raise ConfigError(f"config key {key}: importing module '{module_name}' of '{name}' failed: "
                           f"{_first_line(e)}") from None
     try:
-        return getattr(module, attr)
+        obj = getattr(module, attr)
     except AttributeError:
         pass
+    else:
+        if isinstance(obj, type(sys)):      # a module: the object in it is still to be named
+            raise ConfigError(f"config key {key}: '{name}' is a module; name the object in it as "
+                              f"{obj.__name__}:<attribute>")
+        return obj
     if not colon:   # package.module.attribute, or maybe a module named in full
         try:
             importlib.import_module(name)

@@ -136,7 +136,8 @@ class TrainConfig:
     check_every: int = 50           # replica checksum interval (0: off)
     checkpoint_every: int = 200     # steps between checkpoints (0: off)
     keep_checkpoints: int = 2       # checkpoints kept: the newest, and one to fall back on
-    resume: str = "off"             # off | auto | fresh (set the folder's earlier run aside) | path
+    resume: str = "off"             # off | auto | fresh | path to a checkpoint. off refuses a folder
+                                    # holding checkpoints; fresh moves the earlier run to previous-<time>/
     device: str = "auto"            # auto | cpu | cuda
     backend: str = "auto"           # auto | gloo | nccl
     timeout_s: float = 600.0        # collective timeout

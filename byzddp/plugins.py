@@ -1,4 +1,4 @@
-"""Names that are import paths: a researcher's own model, dataset, rule or attack.
+"""Names to objects: the built-in components and a researcher's own model, dataset, rule or attack.
 
 Wherever the config chooses a component by name (model.name, data.dataset, aggregator.name,
 attack.name), a name of the form `package.module:attribute` (or, as Hydra's `_target_`,
@@ -145,7 +145,13 @@ def call(key: str, name: str, fn: Callable, how: str, *args, **kwargs) -> Any:
         tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
         if tb is None and isinstance(e, TypeError):  # the call itself: a keyword it does not take
             raise ConfigError(f"config key {key}: calling '{name}' failed ({e}); it is called with {how}") from None
-        raise ConfigError(f"config key {key}: '{name}' raised {_first_line(e)}{_where(e)}") from None
+        raise raised(key, name, e) from None
+
+
+def raised(key: str, name: str, e: BaseException, when: str = "") -> ConfigError:
+    """The one line for the plug-in `name` at `key` that raised `e`: its type, its message and
+    the line of the user's code that raised it."""
+    return ConfigError(f"config key {key}: '{name}' raised {_first_line(e)}{_where(e)}{when}")
 
 
 def _where(e: BaseException) -> str:

@@ -50,6 +50,17 @@ TRUSTED = textwrap.dedent("""
 
     def scaled_mean(grads, scale=1.0):
         return scale * grads.mean(dim=0)
+
+    from byzddp.aggregators import Aggregator
+    from byzddp.attacks import Attack
+
+    class RaisingRule(Aggregator):
+        def __init__(self, f=0):
+            raise ValueError("no rule today")
+
+    class RaisingAttack(Attack):
+        def __init__(self):
+            raise ValueError("no attack today")
 """)
 
 
@@ -139,6 +150,12 @@ CASES = {
     "loader-raises": (["data.dataset=trustplugins:raising_loader", "data.classes=2"], None,
                       ["config key data.dataset: 'trustplugins:raising_loader' raised KeyError: 'no such split' "
                        "(at {tmp}/trustplugins.py:{line:no such split})"]),
+    "rule-constructor-raises": (["aggregator.name=trustplugins:RaisingRule"], None,
+                                ["config key aggregator.name: 'trustplugins:RaisingRule' raised ValueError: no rule "
+                                 "today (at {tmp}/trustplugins.py:{line:no rule today})"]),
+    "attack-constructor-raises": (["attack.name=trustplugins:RaisingAttack"], None,
+                                  ["config key attack.name: 'trustplugins:RaisingAttack' raised ValueError: no attack "
+                                   "today (at {tmp}/trustplugins.py:{line:no attack today})"]),
     "model-without-parameters": (["model.name=trustplugins:frozen_factory"], None,
                                  ["config key model.name: 'trustplugins:frozen_factory' gave a model with no "
                                   "trainable parameters"]),
@@ -349,10 +366,11 @@ def test_the_refusal_after_an_interruption_is_the_processs_one_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_plugin_parameter_of_the_wrong_type_under_torchrun(tmp_path):
-    proc = train([*TINY, f"log.dir={tmp_path}", f"attack.name={ATTACK}", "attack.args.scale=abc"], nproc=2,
+    runs = tmp_path / "runs"
+    proc = train([*TINY, f"log.dir={runs}", f"attack.name={ATTACK}", "attack.args.scale=abc"], nproc=2,
                  check=False)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and ours, proc.stderr[-3000:]
     assert "config key attack.args.scale: 'abc' is a str" in ours[0]
     assert f"traceback : {ours[0]}" in proc.stderr[proc.stderr.index("Root Cause"):]
-    assert not any(tmp_path.iterdir())
+    assert not runs.exists()

@@ -204,8 +204,7 @@ def build_plug_in(cls: type, name: str, params: dict) -> Aggregator:
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"config key aggregator.name: '{name}' raised {plugins._first_line(e)}"
-                          f"{plugins._where(e)} when built with f and aggregator.args") from None
+        raise plugins.raised("aggregator.name", name, e, " when built with f and aggregator.args") from None
     if not rule.name:
         rule.name = name      # messages and logs name the rule by its path
     return rule

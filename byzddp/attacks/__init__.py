@@ -122,16 +122,14 @@ def from_config(cfg) -> Attack:
     try:
         return cls(**config_params(cfg, cls))
     except TypeError as e:
-        if e.__traceback__ is not None and e.__traceback__.tb_next is not None:
-            raise ConfigError(f"config key attack.name: '{name}' raised {plugins._first_line(e)}"
-                              f"{plugins._where(e)}") from None
+        if e.__traceback__ is not None and e.__traceback__.tb_next is not None:   # raised inside __init__
+            raise plugins.raised("attack.name", name, e) from None
         raise ConfigError(f"config key attack.args: the attack '{name}' does not take these keywords ({e}); "
                           f"it is called with attack.args") from None
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"config key attack.name: '{name}' raised {plugins._first_line(e)}"
-                          f"{plugins._where(e)}") from None
+        raise plugins.raised("attack.name", name, e) from None
 
 
 def validate(cfg) -> None:

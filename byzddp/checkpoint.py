@@ -48,7 +48,9 @@ def save(trainer, run_dir, keep: int = 3) -> Optional[Path]:
     except run_io.OutputError:
         path.unlink(missing_ok=True)     # a checkpoint without its digest is never loaded anyway
         raise
-    for old in sorted(_steps(out))[:-keep]:
+    # Only this run's lineage rotates: checkpoints numbered above the one just written belong
+    # to another run (one resumed from an earlier path beside them) and are never deleted.
+    for old in sorted(s for s in steps(out) if s <= trainer.step)[:-keep]:
         for p in (out / f"step_{old}.pt", out / f"step_{old}.pt.sha256"):
             p.unlink(missing_ok=True)
     return path
@@ -64,7 +66,8 @@ def _to_cpu(obj):
     return obj
 
 
-def _steps(out: Path):
+def steps(out: Path) -> list:
+    """The steps of the checkpoints in the folder `out`, by file name."""
     return [int(m.group(1)) for p in out.glob("step_*.pt") if (m := PATTERN.match(p.name))]
 
 
@@ -102,7 +105,7 @@ def newest_valid(run_dir, device):
     out = folder(run_dir)
     if not out.is_dir():
         return None, None
-    for step in sorted(_steps(out), reverse=True):
+    for step in sorted(steps(out), reverse=True):
         path = out / f"step_{step}.pt"
         try:
             return path, read(path, device)
@@ -117,7 +120,7 @@ def resume(trainer, run_dir, how: str) -> Optional[Path]:
     Everything is checked before anything is loaded: the digest, plain data, every key, the
     step against the file name, and the config. A checkpoint of another config is refused
     (its tensors may not even fit this model)."""
-    if how == "off":
+    if how in ("off", "fresh"):     # fresh: the run folder set the earlier run's files aside
         return None
     if how == "auto":
         path, state = newest_valid(run_dir, trainer.device)

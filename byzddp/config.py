@@ -136,7 +136,8 @@ class TrainConfig:
     check_every: int = 50           # replica checksum interval (0: off)
     checkpoint_every: int = 200     # steps between checkpoints (0: off)
     keep_checkpoints: int = 2       # checkpoints kept: the newest, and one to fall back on
-    resume: str = "off"             # off | auto | path to a checkpoint
+    resume: str = "off"             # off | auto | fresh | path to a checkpoint. off refuses a folder
+                                    # holding checkpoints; fresh moves the earlier run to previous-<time>/
     device: str = "auto"            # auto | cpu | cuda
     backend: str = "auto"           # auto | gloo | nccl
     timeout_s: float = 600.0        # collective timeout
@@ -320,6 +321,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return str(value)
         if isinstance(value, bool):  # YAML reads `off`/`on` as booleans
             return "on" if value else "off"
+        if isinstance(value, dict) and len(value) == 1 and None in value.values():
+            # YAML reads `pkg.mod:` as {pkg.mod: None}: the text was a name ending in ':'
+            (name,) = value
+            if isinstance(name, str):
+                return f"{name}:"
     raise ConfigError(f"config key {key}: expected {getattr(hint, '__name__', hint)}, "
                       f"got {value!r}; give a value of that type")
 
@@ -517,11 +523,12 @@ def _name(key: str, value: Optional[str]) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no data and no process group."""
-    if not plugins.is_path(cfg.data.dataset):
-        _choice("data.dataset", cfg.data.dataset, DATASETS)
+    # Each component's module holds its table of built-in names (byzddp.plugins resolves a name,
+    # built-in or import path, for all of them); importing them registers the tables.
+    from byzddp import attacks, data, models, pipeline
+    plugins.resolve("data.dataset", cfg.data.dataset)
     _choice("data.partition", cfg.data.partition, PARTITIONS)
-    if not plugins.is_path(cfg.model.name):
-        _choice("model.name", cfg.model.name, MODELS)
+    plugins.resolve("model.name", cfg.model.name)
     if cfg.data.classes is not None:
         _positive("data.classes", cfg.data.classes)
     _choice("log.wandb", cfg.log.wandb, ("off", "offline", "online"))
@@ -585,7 +592,6 @@ def validate(cfg: Config) -> None:
                           f"svhn); set data.dataset to one of them or model.name=mlp|cnn")
     # Model, data, rule, pre-aggregation and attack checks live beside their code (plug-ins are
     # imported there, so that a bad import path fails here, before anything starts).
-    from byzddp import attacks, data, models, pipeline
     models.validate(cfg)
     data.validate(cfg)
     pipeline.validate(cfg)
@@ -594,5 +600,6 @@ def validate(cfg: Config) -> None:
     if cfg.data.byzantine_data == "own" and not cfg.attack.rotate and attacks.real_f(cfg) > 0:
         raise ConfigError("data.byzantine_data=own needs attack.rotate=true (a fixed Byzantine "
                           "set holds no shard); use data.byzantine_data=all")
-    if t.resume not in ("off", "auto") and not Path(t.resume).is_file():
-        raise ConfigError(f"config key train.resume: {t.resume} does not exist; use off, auto or a checkpoint path")
+    if t.resume not in ("off", "auto", "fresh") and not Path(t.resume).is_file():
+        raise ConfigError(f"config key train.resume: {t.resume} does not exist; use off, auto, fresh or a "
+                          f"checkpoint path")

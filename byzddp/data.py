@@ -40,34 +40,49 @@ class Dataset:
 # ---------------------------------------------------------------------------- loading
 
 def load(cfg) -> Dataset:
+    """The dataset of cfg.data, checked as a whole: each split's examples and labels agree in
+    number, labels are integers in 0..classes-1, examples are finite floats."""
     name = cfg.data.dataset
     if plugins.is_path(name):
-        return load_plug_in(cfg)
-    if name == "mnist5k":
-        return load_mnist5k(cfg.data.test_size, cfg.data.split)
-    torchvision_loaders = {"mnist": load_mnist, "fashionmnist": load_fashionmnist, "emnist": load_emnist,
-                           "cifar10": load_cifar10, "cifar100": load_cifar100, "svhn": load_svhn}
-    if name in torchvision_loaders:
-        return torchvision_loaders[name](cfg.data.root, cfg.data.download)
-    raise ConfigError(f"config key data.dataset: unknown dataset '{name}'")
+        ds, source = load_plug_in(cfg), f"'{name}'"
+    else:
+        ds = plugins.resolve("data.dataset", name)(cfg.data)
+        source = name if name == "mnist5k" else f"{name} (data.root={cfg.data.root})"
+    check(ds, source)
+    return ds
+
+
+def check(ds: Dataset, source: str) -> None:
+    """One line naming data.dataset where the splits do not hold up: torchvision reads IDX
+    files of 100 images and 90 labels, or labels of 200, without a word, and a plug-in's data
+    may hold NaN/Inf. A bad example is named by its split and first index."""
+    fix = "replace the files" if "data.root" in source else "fix the loader"
+    for split, x, y in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
+        if len(x) != len(y) or len(y) == 0:
+            raise ConfigError(f"config key data.dataset: {source} has {len(x)} {split} examples but {len(y)} "
+                              f"labels; {fix} so that they match")
+        if not x.is_floating_point() or y.dtype != torch.long or y.dim() != 1:
+            raise ConfigError(f"config key data.dataset: {source} {split} set must be float examples and "
+                              f"int64 labels (N,); got {x.dtype} and {y.dtype} {tuple(y.shape)}; {fix}")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= ds.num_classes:
+            raise ConfigError(f"config key data.dataset: {source} has {split} labels in [{low}, {high}], "
+                              f"outside 0..{ds.num_classes - 1}; {fix}")
+        finite = torch.isfinite(x.reshape(len(x), -1)).all(1)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            raise ConfigError(f"config key data.dataset: {source} {split} example {first} holds NaN or Inf "
+                              f"({int((~finite).sum())} such examples); {fix} (drop or clean them)")
 
 
 def validate(cfg) -> None:
-    """A plug-in loader must import and be callable; built-in datasets take no data.args."""
-    if plugins.is_path(cfg.data.dataset):
-        _plug_in_loader(cfg)
-    elif cfg.data.args:
-        raise plugins.built_in_args_error("data.dataset", "dataset", "loader", cfg.data.dataset)
-    elif cfg.data.classes is not None:
+    """A plug-in loader must import, be callable and take data.args' types; built-in datasets
+    take no data.args."""
+    loader = plugins.resolve("data.dataset", cfg.data.dataset)
+    plugins.check_args("data.dataset", cfg.data.dataset, cfg.data.args, loader)
+    if not plugins.is_path(cfg.data.dataset) and cfg.data.classes is not None:
         raise ConfigError(f"config key data.classes: only a plug-in dataset takes it; "
                           f"{cfg.data.dataset} knows its classes (remove data.classes)")
-
-
-def _plug_in_loader(cfg):
-    loader = plugins.load("data.dataset", cfg.data.dataset)
-    if not callable(loader):
-        raise plugins.kind_error("data.dataset", cfg.data.dataset, "a callable returning (train, test)", loader)
-    return loader
 
 
 def load_plug_in(cfg) -> Dataset:
@@ -75,11 +90,8 @@ def load_plug_in(cfg) -> Dataset:
     torch Dataset of (x, y) items; held in memory like the built-in datasets. Classes: data.classes,
     else the loader's train set's `classes` attribute (torchvision's), else max label + 1."""
     name = cfg.data.dataset
-    try:
-        splits = _plug_in_loader(cfg)(root=cfg.data.root, **cfg.data.args)
-    except TypeError as e:
-        raise ConfigError(f"config key data.dataset: calling '{name}' failed ({e}); it is called with "
-                          f"root and data.args") from None
+    splits = plugins.call("data.dataset", name, plugins.resolve("data.dataset", name), "root and data.args",
+                          root=cfg.data.root, **cfg.data.args)
     if not isinstance(splits, (tuple, list)) or len(splits) != 2:
         raise plugins.kind_error("data.dataset", name, "a loader of (train, test) (it returned that)", splits)
     (tx, ty), (vx, vy) = (_as_tensors(name, part, split) for part, split in zip(splits, ("train", "test")))
@@ -361,6 +373,19 @@ def load_svhn(root: str, download: bool = True) -> Dataset:
 
     (tx, ty), (vx, vy) = prep(train), prep(test)
     return Dataset(tx, ty, vx, vy, 10)
+
+
+# The built-in datasets, each a loader of cfg.data; a plug-in is loader(root=..., **data.args).
+plugins.register(
+    "data.dataset", "dataset", "loader",
+    {"mnist5k": lambda d: load_mnist5k(d.test_size, d.split),
+     "mnist": lambda d: load_mnist(d.root, d.download),
+     "fashionmnist": lambda d: load_fashionmnist(d.root, d.download),
+     "emnist": lambda d: load_emnist(d.root, d.download),
+     "cifar10": lambda d: load_cifar10(d.root, d.download),
+     "cifar100": lambda d: load_cifar100(d.root, d.download),
+     "svhn": lambda d: load_svhn(d.root, d.download)},
+    "a callable returning (train, test)", callable)
 
 
 # ---------------------------------------------------------------------------- partitions

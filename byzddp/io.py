@@ -28,7 +28,7 @@ def write_atomic(path: Union[str, Path], data: Union[bytes, str], fsync: bool = 
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     payload = data.encode() if isinstance(data, str) else data
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(_create_new(tmp), "wb") as fh:
             fh.write(payload)
             fh.flush()
             if fsync:
@@ -44,13 +44,31 @@ def write_atomic(path: Union[str, Path], data: Union[bytes, str], fsync: bool = 
         raise
 
 
+def _create_new(tmp: Path) -> int:
+    """A descriptor on a file made new at `tmp`. The name is predictable, so something may
+    already lie there (a temporary a killed run left, or a symbolic link planted in a shared
+    folder): O_EXCL never opens it, let alone writes through a link; it is removed (a link
+    itself, not what it points to) and the file made anew."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(tmp, flags, 0o666)
+    except FileExistsError:
+        os.unlink(tmp)
+        return os.open(tmp, flags, 0o666)
+
+
+def _no_follow(path, flags: int) -> int:
+    """open()'s opener that refuses a symbolic link at the final name (ELOOP)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
 def append_line(path: Union[str, Path], line: str) -> None:
     """Append one whole line (metrics.jsonl) or nothing: a full disk can take part of a write,
     so on any failure the file is cut back to its length before, and OutputError names it.
     (A process killed mid-write can still leave a torn tail; a resumed run rewrites the file.)"""
     payload = (line if line.endswith("\n") else line + "\n").encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as e:
         raise OutputError(describe(path, e)) from None
     try:

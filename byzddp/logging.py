@@ -33,6 +33,8 @@ from byzddp import io
 from byzddp.errors import ConfigError
 
 OWNER, LOCK = "owner.json", ".lock"
+ASIDE = "previous-"          # train.resume=fresh: <run>/previous-<time>/ holds the earlier run's files
+KEPT = {OWNER, LOCK}        # what train.resume=fresh leaves in place
 HEARTBEAT_S = 60.0        # without a terminal: a progress line at least this often
 
 
@@ -55,6 +57,16 @@ def folder_owner(run_dir: Path) -> Optional[str]:
     return None
 
 
+def checkpoint_steps(run_dir: Path) -> list:
+    """The steps of the checkpoints in a run folder, by file name (not verified)."""
+    from byzddp import checkpoint
+    return checkpoint.steps(checkpoint.folder(run_dir))
+
+
+def _only_aside(run_dir: Path) -> bool:
+    return all(e in KEPT or e.startswith(ASIDE) for e in os.listdir(run_dir))
+
+
 class RunFolder:
     """Rank 0's claim on `<log.dir>/<name>` for the life of the run; `close()` releases it."""
 
@@ -69,8 +81,13 @@ class RunFolder:
         self.created = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = open(self.run_dir / LOCK, "a+")
+            # Never through a link: one planted at .lock would get this run's PID written into
+            # whatever it points to (in a shared log.dir, another user's file).
+            self.lock = os.fdopen(os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
         except OSError as e:
+            if (self.run_dir / LOCK).is_symlink():
+                raise ConfigError(f"config key log.name: {self.run_dir / LOCK} is a symbolic link, which a run "
+                                  f"never writes through; remove it, or use another log.name") from None
             if e.errno == errno.ENAMETOOLONG:    # a file system with a shorter limit than NAME_MAX
                 raise ConfigError(f"config key log.name: the run folder name {self.run_dir.name[:40]}... "
                                   f"({len(self.run_dir.name.encode())} bytes) is too long for the file "
@@ -108,8 +125,40 @@ class RunFolder:
         if (self.run_dir / "summary.json").exists() and cfg.train.resume == "off":
             self.close()
             raise ConfigError(f"config key train.resume: the run folder {self.run_dir} holds a finished run of "
-                              f"this config (summary.json); run it again with train.resume=auto, use another "
-                              f"log.name, or remove the folder")
+                              f"this config (summary.json); run it again with train.resume=auto, start over "
+                              f"with train.resume=fresh, or use another log.name")
+        # An interrupted run of this config left checkpoints: starting over beside them would
+        # rotate the new run's own checkpoints away (the old ones are numbered higher) and drop
+        # the old run without a word. Resume it, or say fresh and its files are kept aside.
+        steps = checkpoint_steps(self.run_dir)
+        if steps and cfg.train.resume == "off":
+            self.close()
+            raise ConfigError(f"config key train.resume: the run folder {self.run_dir} holds a checkpoint at "
+                              f"step {max(steps)} of this config (an interrupted run); resume it with "
+                              f"train.resume=auto, or start over with train.resume=fresh (its files are "
+                              f"moved to {self.run_dir / 'previous-<time>'})")
+        if cfg.train.resume == "fresh" and not _only_aside(self.run_dir):
+            aside = self._set_aside()
+            print(f"byzddp: train.resume=fresh: the earlier run's files are now in {aside}", file=sys.stderr,
+                  flush=True)
+
+    def _set_aside(self) -> Path:
+        """Move every file of the earlier run (not the lock, the owner, earlier set-asides) into
+        <run>/previous-<UTC time>/; nothing is deleted."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside, k = self.run_dir / f"{ASIDE}{stamp}", 1
+        while aside.exists():
+            aside, k = self.run_dir / f"{ASIDE}{stamp}-{k}", k + 1
+        try:
+            aside.mkdir()
+            for entry in sorted(os.listdir(self.run_dir)):
+                if entry not in KEPT and not entry.startswith(ASIDE):
+                    os.replace(self.run_dir / entry, aside / entry)
+        except OSError as e:
+            self.close()
+            raise ConfigError(f"config key train.resume: cannot move the earlier run's files to {aside} "
+                              f"({e.strerror or e}); move them yourself, or use another log.name") from None
+        return aside
 
     def close(self) -> None:
         if self.lock is None:

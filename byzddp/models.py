@@ -161,20 +161,47 @@ class ResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def _mlp(cfg, input_shape, classes):
+    in_features = 1
+    for s in input_shape:
+        in_features *= s
+    return MLP(in_features, list(cfg.model.hidden), classes)
+
+
+def _mnist_cnn(cls):
+    def build(cfg, input_shape, classes):
+        if tuple(input_shape) != (1, 28, 28):
+            raise ConfigError(f"model.name={cfg.model.name} is an MNIST CNN (1x28x28 input); use mlp or resnet20")
+        return cls(classes)
+    return build
+
+
+def _resnet18(cfg, input_shape, classes):
+    if len(input_shape) != 3:
+        raise ConfigError(f"model.name=resnet18 takes images (C, H, W); this dataset's examples have "
+                          f"shape {tuple(input_shape)}; use mlp")
+    return ResNet18(classes, input_shape[0])
+
+
+# The built-in models, each a builder (cfg, input_shape, classes) -> nn.Module; a plug-in is a
+# factory(input_shape=..., classes=..., **model.args).
+plugins.register(
+    "model.name", "model", "factory",
+    {"mlp": _mlp, "cnn": _mnist_cnn(MnistCNN), "cnn_relu": _mnist_cnn(MnistCNNReLU),
+     "resnet20": lambda cfg, input_shape, classes: ResNet20(classes), "resnet18": _resnet18},
+    "a callable that returns an nn.Module",
+    lambda obj: callable(obj) and not (isinstance(obj, type) and not issubclass(obj, nn.Module)))
+
+
 def plug_in(cfg):
     """The factory a plug-in model.name names (one ConfigError line if it is not callable)."""
-    factory = plugins.load("model.name", cfg.model.name)
-    if not callable(factory) or (isinstance(factory, type) and not issubclass(factory, nn.Module)):
-        raise plugins.kind_error("model.name", cfg.model.name, "a callable that returns an nn.Module", factory)
-    return factory
+    return plugins.resolve("model.name", cfg.model.name)
 
 
 def validate(cfg) -> None:
-    """A plug-in model must import and be callable; built-in names are checked by the config."""
-    if plugins.is_path(cfg.model.name):
-        plug_in(cfg)
-    elif cfg.model.args:
-        raise plugins.built_in_args_error("model.name", "model", "factory", cfg.model.name)
+    """A model name must resolve (a plug-in: import, be callable, take model.args' types);
+    built-in models take no model.args."""
+    plugins.check_args("model.name", cfg.model.name, cfg.model.args, plugins.resolve("model.name", cfg.model.name))
 
 
 def build(cfg, input_shape, classes: int) -> nn.Module:
@@ -185,35 +212,19 @@ def build(cfg, input_shape, classes: int) -> nn.Module:
         torch.manual_seed(streams.key("model-init", cfg.seed))
         if plugins.is_path(name):
             return _plug_in_model(cfg, tuple(input_shape), classes)
-        if name == "mlp":
-            in_features = 1
-            for s in input_shape:
-                in_features *= s
-            return MLP(in_features, list(cfg.model.hidden), classes)
-        if name in ("cnn", "cnn_relu"):
-            if tuple(input_shape) != (1, 28, 28):
-                raise ConfigError(f"model.name={name} is an MNIST CNN (1x28x28 input); use mlp or resnet20")
-            return MnistCNN(classes) if name == "cnn" else MnistCNNReLU(classes)
-        if name == "resnet20":
-            return ResNet20(classes)
-        if name == "resnet18":
-            if len(input_shape) != 3:
-                raise ConfigError(f"model.name=resnet18 takes images (C, H, W); this dataset's examples have "
-                                  f"shape {tuple(input_shape)}; use mlp")
-            return ResNet18(classes, input_shape[0])
-    raise ConfigError(f"config key model.name: unknown model '{name}'")
+        return plugins.resolve("model.name", name)(cfg, input_shape, classes)
 
 
 def _plug_in_model(cfg, input_shape: tuple, classes: int) -> nn.Module:
     """factory(input_shape=..., classes=..., **model.args), under the run's model-init seed."""
     name = cfg.model.name
-    try:
-        model = plug_in(cfg)(input_shape=input_shape, classes=classes, **cfg.model.args)
-    except TypeError as e:      # a keyword the factory does not take, most often
-        raise ConfigError(f"config key model.name: calling '{name}' failed ({e}); it is called with "
-                          f"input_shape, classes and model.args") from None
+    model = plugins.call("model.name", name, plug_in(cfg), "input_shape, classes and model.args",
+                         input_shape=input_shape, classes=classes, **cfg.model.args)
     if not isinstance(model, nn.Module):
         raise plugins.kind_error("model.name", name, "a factory of an nn.Module (it returned that)", model)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"config key model.name: '{name}' gave a model with no trainable parameters; "
+                          f"a factory must return an nn.Module with parameters to train")
     # One eval-mode forward of two examples (no dropout, BatchNorm statistics untouched): a model
     # that cannot take the data fails here in one line, not inside the first step.
     was_training = model.training

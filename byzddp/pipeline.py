@@ -88,16 +88,11 @@ def validate(cfg) -> Pipeline:
                           f"({attackers} of the n={w.n} workers are, workers.participation={w.participation:g}); "
                           f"raise workers.participation or lower workers.byzantine (and attack.count)")
     resampling.check(r.name, r.s, n, w.byzantine, tau=r.tau)
-    if plugins.is_path(a.name):
-        cls = aggregators.rule_class(a.name)
-        if not cls.sharded and cfg.train.exchange == "sharded":
-            raise ConfigError(f"config key train.exchange: the rule '{a.name}' needs whole rows (sharded=False); "
-                              f"use train.exchange=gather, or write a rule that computes column slices")
-    elif a.args:
-        raise ConfigError(f"config key aggregator.args: only a plug-in rule (aggregator.name=package.module:rule) "
-                          f"takes keywords; {a.name} is built in (set aggregator.<param> instead)")
-    elif a.name not in aggregators.RULES:
-        raise ConfigError(f"config key aggregator.name: '{a.name}' is not one of {', '.join(aggregators.RULES)}")
+    cls = aggregators.rule_class(a.name)
+    plugins.check_args("aggregator.name", a.name, a.args, aggregators.keyword_target(cls))
+    if plugins.is_path(a.name) and not cls.sharded and cfg.train.exchange == "sharded":
+        raise ConfigError(f"config key train.exchange: the rule '{a.name}' needs whole rows (sharded=False); "
+                          f"use train.exchange=gather, or write a rule that computes column slices")
     keys = dict.fromkeys(k for name in aggregators.RULES for k in aggregators.PARAMS[name])
     for key in keys:
         value = getattr(a, key, None)
@@ -106,9 +101,9 @@ def validate(cfg) -> Pipeline:
             raise ConfigError(f"config key aggregator.{key}: {problem}, got {value!r}")
     p = build(cfg)
     cls = type(p.rule)
-    if issubclass(cls, aggregators.FunctionRule):
-        cls.probe(p.m)
     params = cls.resolve(_given(cfg, cls), p.m, p.fp)
+    if issubclass(cls, aggregators.FunctionRule):
+        cls.probe(p.m, p.rule.keywords)
     if "designated" in cls.params:
         _check_designated(cfg, params["designated"])
     impossible = cls.impossible(p.m, params)     # no flag lifts these

@@ -122,7 +122,7 @@ def test_a_rule_class_gets_f_its_args_and_its_requirement_is_checked():
 def test_the_attack_class_gets_its_args_and_its_checks():
     a = attacks.from_config(cfg_of(f"attack.name={ATTACK}", "attack.args.scale=3"))
     assert type(a).__name__ == "ScaledReversal" and a.scale == 3
-    with pytest.raises(ConfigError, match="attack.scale: must be > 0"):
+    with pytest.raises(ConfigError, match="config key attack.args.scale: must be > 0"):
         cfg_of(f"attack.name={ATTACK}", "attack.args.scale=-1")
 
 

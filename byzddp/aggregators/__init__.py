@@ -132,9 +132,7 @@ def rule_class(name: str) -> type:
     """The Aggregator class registered as `name`, or the plug-in an import path names."""
     if plugins.is_path(name):
         return plug_in(name)
-    if name not in _CLASSES:
-        raise ConfigError(f"unknown aggregator '{name}'; choose one of {', '.join(RULES)}")
-    return _CLASSES[name]
+    return plugins.resolve("aggregator.name", name)
 
 
 # ---------------------------------------------------------------------------- plug-ins
@@ -144,14 +142,19 @@ class FunctionRule(Aggregator):
     no f, no state, no random stream, the whole rows only (not train.exchange=sharded)."""
     function = None     # set on the subclass plug_in makes
     sharded = False
+    keywords: dict = {}     # aggregator.args, passed to the function at every call
+
+    def __init__(self, f: int = 0, **keywords) -> None:
+        super().__init__(f)
+        self.keywords = keywords
 
     @classmethod
-    def probe(cls, m: int) -> None:
+    def probe(cls, m: int, keywords: dict) -> None:
         """One call on (m, 3) seeded rows before the run: a function that fails on them or does
         not return a (3,) tensor is one line naming the key, not an error inside the first step."""
         x = torch.randn(m, 3, generator=torch.Generator().manual_seed(0))
         try:
-            out = cls.function(x)
+            out = cls.function(x, **keywords)
         except Exception as e:
             raise ConfigError(f"config key aggregator.name: '{cls.name}' fails on rows of shape ({m}, 3): "
                               f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
@@ -161,7 +164,7 @@ class FunctionRule(Aggregator):
                               f"it must return a (3,) tensor, one value per column")
 
     def _aggregate(self, x, cols):
-        out = type(self).function(x)
+        out = type(self).function(x, **self.keywords)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape[1:]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"aggregator {self.name}: returned {shape}, expected a ({x.shape[1]},) tensor")
@@ -171,13 +174,24 @@ class FunctionRule(Aggregator):
 def plug_in(name: str) -> type:
     """The Aggregator class of aggregator.name=package.module:rule: the class itself when it
     subclasses Aggregator, else a FunctionRule around the callable."""
-    obj = plugins.load("aggregator.name", name)
-    if isinstance(obj, type) and issubclass(obj, Aggregator):
+    obj = plugins.resolve("aggregator.name", name)
+    if isinstance(obj, type):
         return obj
-    if isinstance(obj, type) or not callable(obj):
-        raise plugins.kind_error("aggregator.name", name, "a function (m, d) -> (d,) or a subclass of "
-                                 "byzddp.aggregators.Aggregator", obj)
     return type(f"FunctionRule[{name}]", (FunctionRule,), {"name": name, "function": staticmethod(obj)})
+
+
+def _is_rule(obj) -> bool:
+    return issubclass(obj, Aggregator) if isinstance(obj, type) else callable(obj)
+
+
+plugins.register("aggregator.name", "rule", "rule", _CLASSES,
+                 "a function (m, d) -> (d,) or a subclass of byzddp.aggregators.Aggregator", _is_rule,
+                 "set aggregator.<param> instead")
+
+
+def keyword_target(cls: type):
+    """What aggregator.args go to: a function rule's function, else the class."""
+    return cls.function if issubclass(cls, FunctionRule) else cls
 
 
 def build_plug_in(cls: type, name: str, params: dict) -> Aggregator:
@@ -187,6 +201,10 @@ def build_plug_in(cls: type, name: str, params: dict) -> Aggregator:
     except TypeError as e:
         raise ConfigError(f"config key aggregator.args: the rule '{name}' does not take these keywords ({e}); "
                           f"it is called with f and aggregator.args") from None
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise plugins.raised("aggregator.name", name, e, " when built with f and aggregator.args") from None
     if not rule.name:
         rule.name = name      # messages and logs name the rule by its path
     return rule

@@ -45,7 +45,7 @@ import torch
 from byzddp import plugins, streams
 from byzddp.attacks.backdoor import Backdoor
 from byzddp.attacks.fang import Fang
-from byzddp.attacks.base import Attack, AttackContext, copy_of, exact_sum, honest_mean, honest_std
+from byzddp.attacks.base import Attack, AttackContext, copy_of, exact_sum, honest_mean, honest_std, require_positive
 from byzddp.attacks.omniscient import (ALIE, IPM, MinMax, MinSum, Mimic, Mimic2, NormalizedMean, alie_z,
                                        search_gamma)
 from byzddp.attacks.optimal import OptimalALIE, OptimalIPM, line_search
@@ -84,13 +84,15 @@ def policy(cfg) -> str:
     return "rotating" if cfg.attack.rotate else "last_f"
 
 
+plugins.register("attack.name", "attack", "Attack", dict(sorted(ATTACKS.items())),
+                 "a subclass of byzddp.attacks.Attack", lambda obj: isinstance(obj, type) and issubclass(obj, Attack),
+                 "set attack.<param> instead")
+
+
 def build(name: str, **params) -> Attack:
     """The attack `name` with its own parameters (those in its class's `params`; left out:
     the defaults). n, f, seed and step come at forge time, in the AttackContext."""
-    if name not in ATTACKS:
-        raise ConfigError(f"config key attack.name: unknown attack '{name}'; choose one of "
-                          f"{', '.join(sorted(ATTACKS))}")
-    cls = ATTACKS[name]
+    cls = plugins.resolve("attack.name", name)
     for key in params:
         if key not in cls.params:
             raise ConfigError(f"attack {name} takes no parameter '{key}'; its parameters: "
@@ -109,15 +111,7 @@ def config_params(cfg, cls: Type[Attack]) -> dict:
 def attack_class(name: str) -> Type[Attack]:
     """The Attack class registered as `name`, or the plug-in an import path names (a subclass
     of byzddp.attacks.Attack)."""
-    if not plugins.is_path(name):
-        if name not in ATTACKS:
-            raise ConfigError(f"config key attack.name: unknown attack '{name}'; choose one of "
-                              f"{', '.join(sorted(ATTACKS))}")
-        return ATTACKS[name]
-    cls = plugins.load("attack.name", name)
-    if not (isinstance(cls, type) and issubclass(cls, Attack)):
-        raise plugins.kind_error("attack.name", name, "a subclass of byzddp.attacks.Attack", cls)
-    return cls
+    return plugins.resolve("attack.name", name)
 
 
 def from_config(cfg) -> Attack:
@@ -128,8 +122,14 @@ def from_config(cfg) -> Attack:
     try:
         return cls(**config_params(cfg, cls))
     except TypeError as e:
+        if e.__traceback__ is not None and e.__traceback__.tb_next is not None:   # raised inside __init__
+            raise plugins.raised("attack.name", name, e) from None
         raise ConfigError(f"config key attack.args: the attack '{name}' does not take these keywords ({e}); "
                           f"it is called with attack.args") from None
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise plugins.raised("attack.name", name, e) from None
 
 
 def validate(cfg) -> None:
@@ -137,9 +137,12 @@ def validate(cfg) -> None:
     attack parameter that is never valid."""
     a, n = cfg.attack, cfg.workers.n
     cls = attack_class(a.name)
-    if a.args and not plugins.is_path(a.name):
-        raise ConfigError(f"config key attack.args: only a plug-in attack (attack.name=package.module:Attack) "
-                          f"takes keywords; {a.name} is built in (set attack.<param> instead)")
+    plugins.check_args("attack.name", a.name, a.args, cls)
+    if plugins.is_path(a.name):
+        # A plug-in's positive parameters are attack.args.<p>; checked here, so named so.
+        for key in cls.positive:
+            if key in a.args:
+                require_positive(f"args.{key}", a.args[key])
     if a.count is not None and not 0 <= a.count < n:
         raise ConfigError(f"config key attack.count: {a.count} attackers out of workers.n={n}; "
                           f"it must be between 0 and n-1")

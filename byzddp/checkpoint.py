@@ -73,8 +73,8 @@ def steps(out: Path) -> list:
 
 # What Trainer.state_dict() holds; a checkpoint missing any of them cannot be resumed.
 KEYS = ("config_hash", "step", "model", "optimizer", "scheduler", "worker_momentum", "aggregator",
-        "resampler", "attack", "previous_update", "selection_counts", "first_bad_step", "history",
-        "wall_seconds")
+        "resampler", "attack", "previous_update", "selection_counts", "first_bad_step", "diagnostics",
+        "history", "wall_seconds")
 
 
 def read(path: Path, device) -> dict:

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from byzddp import plugins
 from byzddp.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
+from byzddp.validation import NAME_MAX, validate
+from byzddp.yamlio import YAMLExpansionError, read_yaml, _DuplicateKey  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -171,111 +171,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------- parsing
-
-class YAMLExpansionError(yaml.YAMLError):
-    """A YAML document that would expand without bound (aliases of aliases, a recursive anchor,
-    nesting without end)."""
-
-
-# Values a YAML document may expand to. Anchors and aliases share a node, so nine nested
-# aliases of nine (a few hundred bytes) stand for 9**9 values once copied, hashed or checked;
-# a real config has hundreds.
-MAX_YAML_VALUES = 100_000
-# Levels of nesting: a config has 3 or 4, a sweep's grid 5. PyYAML's scanner takes time in the
-# square of the depth and its composer recurses, so deeper is refused as it is read.
-MAX_YAML_DEPTH = 64
-
-
-class _DepthLimit:
-    """A loader's composer that stops at MAX_YAML_DEPTH levels."""
-    _depth = 0
-
-    def compose_node(self, parent, index):
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise YAMLExpansionError(f"it is nested more than {MAX_YAML_DEPTH} levels deep; flatten it")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-class _Loader(_DepthLimit, yaml.SafeLoader):
-    """YAML as users write it: `1e-3` is a float (YAML 1.1 reads it as a string), and a key
-    given twice in one mapping is an error rather than silently the last one."""
-
-    yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise _DuplicateKey(f"key '{key}' is given twice (line {key_node.start_mark.line + 1}); keep one")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-class _DuplicateKey(yaml.YAMLError):
-    pass
-
-
-# Exponent without a dot (1e-3, 5E4): YAML 1.2 floats that YAML 1.1's resolver misses.
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def _expanded_size(root) -> int:
-    """How many values the node graph stands for with every alias written out, counted on the
-    graph itself (each node once; an alias's node was read before it, so the walk is as deep
-    as the text). Raises YAMLExpansionError past MAX_YAML_VALUES, past MAX_YAML_DEPTH levels
-    through aliases, or on an alias inside itself, before anything is built."""
-    seen: dict = {}      # id(node) -> (values, levels)
-    open_: set = set()
-
-    def walk(node) -> tuple:
-        key = id(node)
-        if key in seen:
-            return seen[key]
-        if key in open_:
-            raise YAMLExpansionError("an alias refers to a node that contains it (a recursive anchor); "
-                                     "write the values out")
-        open_.add(key)
-        children = node.value if isinstance(node, yaml.SequenceNode) else (
-            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
-        below = [walk(child) for child in children]
-        open_.discard(key)
-        values, levels = 1 + sum(v for v, _ in below), 1 + max((d for _, d in below), default=0)
-        if values > MAX_YAML_VALUES:
-            raise YAMLExpansionError(f"its anchors and aliases expand to more than {MAX_YAML_VALUES:,} values; "
-                                     f"write the values out or use fewer aliases")
-        if levels > MAX_YAML_DEPTH:
-            raise YAMLExpansionError(f"it is nested more than {MAX_YAML_DEPTH} levels deep through its "
-                                     f"aliases; flatten it")
-        seen[key] = values, levels
-        return seen[key]
-
-    return walk(root)[0]
-
-
-def read_yaml(text: str, loader=None):
-    """YAML text -> Python values (config files, override values, sweep grids), refusing a
-    document that expands without bound (YAMLExpansionError) before it is built. `loader`:
-    a yaml Loader class (default: the config's)."""
-    loader = loader or _Loader
-    if not issubclass(loader, _DepthLimit):
-        loader = type(loader.__name__, (_DepthLimit, loader), {})
-    reader = loader(text)
-    try:
-        node = reader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node)
-        return reader.construct_document(node)
-    finally:
-        reader.dispose()
-
 
 def _yaml(text: str):
     return read_yaml(text)
@@ -456,7 +351,6 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
-NAME_MAX = 255     # bytes in one file name (Linux, macOS); a smaller file system says so when made
 
 
 def run_name(cfg: Config) -> str:
@@ -475,131 +369,3 @@ def run_name(cfg: Config) -> str:
     if len(head.encode()) > room:
         head = head.encode()[:room].decode("utf-8", "ignore")
     return head + tail
-
-
-# ---------------------------------------------------------------------------- validation
-
-DATASETS = ("mnist5k", "mnist", "fashionmnist", "emnist", "cifar10", "cifar100", "svhn")
-GRAYSCALE = ("mnist5k", "mnist", "fashionmnist", "emnist")   # 1x28x28 images
-PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups")
-MODELS = ("mlp", "cnn", "cnn_relu", "resnet20", "resnet18")
-
-
-ALPHA_MIN = 1.1754943508222875e-38   # the smallest normal float32: the Dirichlet draw's precision
-
-
-def _choice(key: str, value: str, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"config key {key}: '{value}' is not one of {', '.join(allowed)}")
-
-
-def _positive(key: str, value, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"config key {key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}; "
-                          f"give a {'non-negative' if zero_ok else 'positive'} value")
-
-
-def _name(key: str, value: Optional[str]) -> None:
-    """A folder name, not a path: a run folder must stay inside log.dir, fit in one file name,
-    and read back safely in a shell (`ls -d runs/<name>`, `rm -r runs/<name>`)."""
-    if value is None:
-        return      # absent: the name is derived from the config
-    if not value.strip():
-        raise ConfigError(f"config key {key}: the name is empty; give a name, or remove {key} to derive "
-                          f"it from the config")
-    if value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
-        raise ConfigError(f"config key {key}: {value!r} is not a plain folder name; give a name without "
-                          f"'/' or '..' (log.dir says where run folders go)")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise ConfigError(f"config key {key}: {value!r} holds a control character (a newline or tab); "
-                          f"give a name of printable characters")
-    if value.startswith("-"):
-        raise ConfigError(f"config key {key}: {value!r} starts with '-', which commands read as an option; "
-                          f"give a name that starts with a letter or digit")
-    if len(value.encode("utf-8", "surrogateescape")) > NAME_MAX:
-        raise ConfigError(f"config key {key}: the name is {len(value.encode('utf-8', 'surrogateescape'))} bytes, "
-                          f"over the file system's limit of {NAME_MAX}; give a shorter name")
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks that need no data and no process group."""
-    # Each component's module holds its table of built-in names (byzddp.plugins resolves a name,
-    # built-in or import path, for all of them); importing them registers the tables.
-    from byzddp import attacks, data, models, pipeline
-    plugins.resolve("data.dataset", cfg.data.dataset)
-    _choice("data.partition", cfg.data.partition, PARTITIONS)
-    plugins.resolve("model.name", cfg.model.name)
-    if cfg.data.classes is not None:
-        _positive("data.classes", cfg.data.classes)
-    _choice("log.wandb", cfg.log.wandb, ("off", "offline", "online"))
-    _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "cosine", "step"))
-    _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
-    _choice("train.backend", cfg.train.backend, ("auto", "gloo", "nccl"))
-    _choice("train.exchange", cfg.train.exchange, ("gather", "sharded"))
-    _choice("data.byzantine_data", cfg.data.byzantine_data, ("all", "own"))
-    _choice("data.split", cfg.data.split, ("balanced", "official"))
-    _choice("data.sampling", cfg.data.sampling, ("stream", "epoch"))
-    _positive("seed", cfg.seed, zero_ok=True)
-    _positive("data.alpha", cfg.data.alpha)
-    if cfg.data.alpha < ALPHA_MIN:
-        raise ConfigError(f"config key data.alpha: {cfg.data.alpha:g} is too small to be represented in the "
-                          f"float32 Dirichlet draw (its smallest normal number is {ALPHA_MIN:.3g}); raise data.alpha "
-                          f"(0.01 and above draw safely)")
-    for i, width in enumerate(cfg.model.hidden):
-        _positive(f"model.hidden[{i}]", width)
-    w = cfg.workers
-    _positive("workers.n", w.n)
-    _positive("workers.byzantine", w.byzantine, zero_ok=True)
-    if 2 * w.byzantine >= w.n:
-        raise ConfigError(f"config key workers.byzantine: f={w.byzantine} needs f < n/2 "
-                          f"(n={w.n}); lower workers.byzantine or raise workers.n")
-    if not 0.0 <= w.momentum < 1.0:
-        raise ConfigError(f"config key workers.momentum: beta must be in [0, 1), got {w.momentum}")
-    if w.chunk is not None:
-        _positive("workers.chunk", w.chunk)
-    if not 0.0 < w.participation <= 1.0:
-        raise ConfigError(f"config key workers.participation: the share of workers per round must be in "
-                          f"(0, 1], got {w.participation}")
-    t = cfg.train
-    if t.local_steps < 1:
-        raise ConfigError(f"config key train.local_steps: a round takes K >= 1 local steps, got {t.local_steps}")
-    for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "keep_checkpoints", "threads"):
-        _positive(f"train.{key}", getattr(t, key))
-    _positive("train.lr", t.lr)
-    if not 0.0 <= t.momentum < 1.0:
-        raise ConfigError(f"config key train.momentum: server momentum must be in [0, 1), got {t.momentum}")
-    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
-    _positive("train.lr_decay", t.lr_decay)
-    for i, milestone in enumerate(t.lr_decay_steps):
-        _positive(f"train.lr_decay_steps[{i}]", milestone)
-    _positive("train.check_every", t.check_every, zero_ok=True)
-    _positive("train.checkpoint_every", t.checkpoint_every, zero_ok=True)
-    _positive("train.timeout_s", t.timeout_s)
-    _positive("log.diagnostics_every", cfg.log.diagnostics_every, zero_ok=True)
-    if t.timeout_s > 7 * 24 * 3600:
-        raise ConfigError(f"config key train.timeout_s: {t.timeout_s:g} s is longer than a week; "
-                          f"give at most 604800")
-    _positive("resampling.s", cfg.resampling.s)
-    if cfg.data.dataset == "mnist5k" and not (0 < cfg.data.test_size < 5000 and cfg.data.test_size % 10 == 0):
-        raise ConfigError(f"config key data.test_size: {cfg.data.test_size} must be a multiple of 10 "
-                          f"between 10 and 4990")
-    if cfg.data.dataset == "mnist5k" and cfg.data.split == "official" and cfg.data.test_size != 1000:
-        raise ConfigError(f"config key data.test_size: data.split=official fixes the test set (the last "
-                          f"1,000 digits); leave data.test_size at 1000")
-    _name("log.name", cfg.log.name)
-    if cfg.model.name in ("resnet20", "resnet18") and cfg.data.dataset in GRAYSCALE:
-        raise ConfigError(f"config key model.name: {cfg.model.name} is for colour images (cifar10, cifar100, "
-                          f"svhn); set data.dataset to one of them or model.name=mlp|cnn")
-    # Model, data, rule, pre-aggregation and attack checks live beside their code (plug-ins are
-    # imported there, so that a bad import path fails here, before anything starts).
-    models.validate(cfg)
-    data.validate(cfg)
-    pipeline.validate(cfg)
-    attacks.validate(cfg)
-    # Checks data.py and checkpoint.py repeat at run time, made here before anything starts.
-    if cfg.data.byzantine_data == "own" and not cfg.attack.rotate and attacks.real_f(cfg) > 0:
-        raise ConfigError("data.byzantine_data=own needs attack.rotate=true (a fixed Byzantine "
-                          "set holds no shard); use data.byzantine_data=all")
-    if t.resume not in ("off", "auto", "fresh") and not Path(t.resume).is_file():
-        raise ConfigError(f"config key train.resume: {t.resume} does not exist; use off, auto, fresh or a "
-                          f"checkpoint path")

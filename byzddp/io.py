@@ -57,11 +57,6 @@ def _create_new(tmp: Path) -> int:
         return os.open(tmp, flags, 0o666)
 
 
-def _no_follow(path, flags: int) -> int:
-    """open()'s opener that refuses a symbolic link at the final name (ELOOP)."""
-    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
-
-
 def append_line(path: Union[str, Path], line: str) -> None:
     """Append one whole line (metrics.jsonl) or nothing: a full disk can take part of a write,
     so on any failure the file is cut back to its length before, and OutputError names it.

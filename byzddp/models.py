@@ -75,19 +75,29 @@ class MnistCNNReLU(MnistCNN):
     relu_after_conv2 = True
 
 
-class BasicBlock(nn.Module):
+class ResidualPath(nn.Module):
+    """The two 3x3 convolutions (each with its BatchNorm) of a ResNet basic block; the blocks
+    below differ in their shortcut only."""
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
+
+    def residual(self, x):
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+
+class BasicBlock(ResidualPath):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, stride)
         self.pad = cout - cin   # option A shortcut: subsample and zero-pad channels
         self.stride = stride
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.residual(x)
         short = x
         if self.stride != 1 or self.pad:
             short = x[:, :, ::self.stride, ::self.stride]
@@ -118,24 +128,18 @@ class ResNet20(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-class ProjectionBlock(nn.Module):
+class ProjectionBlock(ResidualPath):
     """ResNet's basic block with option B shortcuts: identity when the shape is kept, else a
     1x1 convolution of the block's stride and a BatchNorm (He et al. 2016, section 3.3)."""
 
     def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        super().__init__(cin, cout, stride)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.residual(x) + self.shortcut(x))
 
 
 class ResNet18(nn.Module):

@@ -10,7 +10,7 @@ Three kinds, each a function from plain data to a PNG, so they are usable outsid
 - `diagnostic_curves`: per row (a setting), test accuracy beside the server's per-round
   diagnostics (empirical kappa on a log scale, the Byzantine and honest selection rates),
   one colour per series, mean over seeds with a min-max band.
-`byzddp.sweep.report` gathers the data from run folders and calls these. Files are written
+`byzddp.sweep.figures` gathers the data from run folders and calls these. Files are written
 with byzddp.io.write_atomic: a reader never sees half a PNG.
 """
 from __future__ import annotations

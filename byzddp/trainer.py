@@ -63,10 +63,7 @@ class Trainer:
         self.ds = data.load(cfg).to(self.device)
         self.attack = attacks.from_config(cfg)
         self.attack.prepare(self.ds.train_x, self.ds.num_classes)
-        # A fixed Byzantine set samples the whole training set (the paper), unless the attack
-        # trains on data of its own (backdoor): then every worker holds a shard.
-        fixed = None if cfg.attack.rotate or self.attack.holds_data else attacks.byzantine_set(cfg, 0)
-        self.data = data.WorkerData(self.ds, cfg, fixed)
+        self.data = data.WorkerData(self.ds, cfg, attacks.whole_set_samplers(cfg))
         # The attack success rate, wherever the trigger can be stamped (clean runs too: the baseline).
         a = cfg.attack
         self.trigger = None
@@ -275,7 +272,7 @@ class Trainer:
         self.client.stop_signal = signum
 
     def fit(self, log) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.request_stop)
         log.start(self)

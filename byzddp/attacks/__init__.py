@@ -38,7 +38,7 @@ attack needs (`check`). n, f, seed and step reach an attack at forge time, in th
 """
 from __future__ import annotations
 
-from typing import Dict, List, Type
+from typing import Dict, List, Optional, Type
 
 import torch
 
@@ -78,6 +78,15 @@ def byzantine_set(cfg, step: int) -> List[int]:
         perm = torch.randperm(n, generator=streams.generator("byzantine-set", cfg.seed, step))
         return sorted(perm[:f].tolist())
     return list(range(n - f, n))
+
+
+def whole_set_samplers(cfg) -> Optional[List[int]]:
+    """The fixed Byzantine set, which samples the whole training set instead of holding a shard
+    (the paper), or None when every worker holds a shard: the set rotates, or the attack trains
+    on data of its own (backdoor)."""
+    if cfg.attack.rotate or attack_class(cfg.attack.name).holds_data:
+        return None
+    return byzantine_set(cfg, 0)
 
 
 def policy(cfg) -> str:

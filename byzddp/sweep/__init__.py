@@ -6,7 +6,9 @@
 - `grid`: the grid language (cases, grid, seeds, when, exclude, reference, table, plots) and
   its expansion into runs; its docstring is the format's specification;
 - `runner`: run state and resume, the local pool, torchrun, the Slurm run list;
-- `report`: records, results.csv, results.md (statistics, worst case), the plots;
+- `records`: the runs' records and the tables made of them (statistics, worst case);
+- `report`: results.csv, results.md, paired.csv; `figures`: the plots;
+- `spec`: the pieces of a grid file, each checked as it is read;
 - `paired`: paired differences against each axis's baseline (paired.csv), and whether two
   runs share the honest workers' draws; `stats`: Student t quantiles and intervals;
 - `cli`: the command line.
@@ -14,9 +16,9 @@
 
 from byzddp.sweep.cli import main
 from byzddp.sweep.grid import Axis, Run, Sweep, Value, combos, load_grid, yaml_scalar
-from byzddp.sweep.report import (METRICS, Record, Table, collect, draw_plots, format_cell,
-                                 mean_std, read_curve, selection_total, tables, write_csv,
-                                 write_markdown, write_paired, write_report)
+from byzddp.sweep.figures import draw_plots, read_curve, selection_total
+from byzddp.sweep.records import METRICS, Record, Table, collect, format_cell, mean_std, tables
+from byzddp.sweep.report import write_csv, write_markdown, write_paired, write_report
 from byzddp.sweep.runner import (folder_hash, prepare, read_summary, run_sweep, status,
                                  train_args, train_command, write_run_list)
 

@@ -62,13 +62,12 @@ that axis's baseline value: byzddp/sweep/paired.py.
 
 Table and plot layouts name axes; `rows`, `columns`, `split` and `hue` take one axis or a
 list. Axes a layout leaves out (other than the seed) become separate tables or figure files.
-The tables' worst-case column and the plots: byzddp/sweep/report.py.
+The tables' worst-case column: byzddp/sweep/records.py; the plots: byzddp/sweep/figures.py.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,11 +77,11 @@ import yaml
 
 from byzddp import config as config_mod
 from byzddp.config import DEFAULT_CONFIG, ConfigError
+from byzddp.sweep.spec import as_axes, condition, dotted, err, find_file, mapping, safe, value_segment
 
 GRID_KEYS = ("name", "base", "set", "cases", "grid", "seeds", "when", "exclude", "reference",
              "table", "baseline", "plots")
 PLOT_KINDS = ("curves", "selection", "heatmap", "diagnostics")
-_SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
 
 # ---------------------------------------------------------------------------- the grid
@@ -158,71 +157,6 @@ def yaml_scalar(value: Any) -> str:
     return text
 
 
-def safe(text: str) -> str:
-    return _SAFE.sub("-", str(text)).strip("-") or "x"
-
-
-def _err(path: Path, key: str, problem: str) -> ConfigError:
-    return ConfigError(f"grid file {path}: {key}: {problem}")
-
-
-def _find_file(name: str, grid_path: Path) -> Path:
-    """A path as given (working directory), else beside the grid file or in one of its parents."""
-    p = Path(name)
-    if p.is_absolute() or p.is_file():
-        return p.resolve()
-    for folder in [grid_path.parent.resolve(), *grid_path.parent.resolve().parents]:
-        if (folder / p).is_file():
-            return folder / p
-    raise _err(grid_path, "base", f"'{name}' not found from the working directory nor from the "
-                                  f"grid file's folder; give a path that exists")
-
-
-def _mapping(path: Path, key: str, value: Any) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _err(path, key, f"expected a mapping of dotted.key: value, got {value!r}")
-    return value
-
-
-def _dotted(path: Path, key: str, tree: dict) -> Dict[str, Any]:
-    """Accept both {a.b: 1} and {a: {b: 1}}; return flat dotted keys."""
-    flat: Dict[str, Any] = {}
-    for k, v in _mapping(path, key, tree).items():
-        if isinstance(v, dict):
-            for kk, vv in _dotted(path, f"{key}.{k}", v).items():
-                flat[f"{k}.{kk}"] = vv
-        else:
-            flat[str(k)] = v
-    return flat
-
-
-def _value_segment(key: str, value: Any) -> str:
-    if isinstance(value, str):
-        return safe(value)
-    return safe(f"{key.split('.')[-1]}{value}")
-
-
-def _as_axes(path: Path, key: str, spec: Any, known: Sequence[str]) -> List[str]:
-    if spec is None:
-        return []
-    names = [spec] if isinstance(spec, str) else spec
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise _err(path, key, f"expected an axis name or a list of them, got {spec!r}")
-    for n in names:
-        if n not in known:
-            raise _err(path, key, f"'{n}' is not an axis of this sweep; axes: {', '.join(known) or 'none'}")
-    return names
-
-
-def _parse_condition(path: Path, key: str, cond: Any) -> Dict[str, list]:
-    cond = _mapping(path, key, cond)
-    if not cond:
-        raise _err(path, key, "an empty condition matches everything; name at least one key")
-    return {str(k): (v if isinstance(v, list) else [v]) for k, v in cond.items()}
-
-
 class Resolver:
     """Values of dotted keys before validation: defaults < base file < a point's overrides."""
 
@@ -283,36 +217,36 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
     except yaml.YAMLError:
         raise ConfigError(f"grid file {path} is not valid YAML; fix its syntax") from None
     if not isinstance(spec, dict):
-        raise _err(path, "<root>", "expected a mapping with keys " + ", ".join(GRID_KEYS))
+        raise err(path, "<root>", "expected a mapping with keys " + ", ".join(GRID_KEYS))
     for key in spec:
         if key not in GRID_KEYS:
-            raise _err(path, str(key), f"unknown key; valid keys: {', '.join(GRID_KEYS)}")
+            raise err(path, str(key), f"unknown key; valid keys: {', '.join(GRID_KEYS)}")
 
     sweep_name = safe(name or spec.get("name") or path.stem)
     # Without a base, train.py reads configs/default.yaml: hash the same config it will run.
-    base = _find_file(str(spec["base"]), path) if spec.get("base") else (
+    base = find_file(str(spec["base"]), path) if spec.get("base") else (
         DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    fixed = _dotted(path, "set", spec.get("set"))
+    fixed = dotted(path, "set", spec.get("set"))
 
     axes: List[Axis] = []
-    for axis_name, bundles in _mapping(path, "cases", spec.get("cases")).items():
+    for axis_name, bundles in mapping(path, "cases", spec.get("cases")).items():
         axis_name = str(axis_name)
         if "." in axis_name or axis_name == "seed":
-            raise _err(path, f"cases.{axis_name}", "a case axis name is a word without a dot, "
+            raise err(path, f"cases.{axis_name}", "a case axis name is a word without a dot, "
                                                    "not 'seed'; rename it (e.g. rule)")
-        bundles = _mapping(path, f"cases.{axis_name}", bundles)
+        bundles = mapping(path, f"cases.{axis_name}", bundles)
         if not bundles:
-            raise _err(path, f"cases.{axis_name}", "give at least one case")
-        values = [Value(str(c), safe(c), _dotted(path, f"cases.{axis_name}.{c}", b))
+            raise err(path, f"cases.{axis_name}", "give at least one case")
+        values = [Value(str(c), safe(c), dotted(path, f"cases.{axis_name}.{c}", b))
                   for c, b in bundles.items()]
         axes.append(Axis(axis_name, values, is_case=True))
-    for key, values in _mapping(path, "grid", spec.get("grid")).items():
+    for key, values in mapping(path, "grid", spec.get("grid")).items():
         key = str(key)
         if not isinstance(values, list) or not values:
-            raise _err(path, f"grid.{key}", f"expected a non-empty list of values, got {values!r}")
+            raise err(path, f"grid.{key}", f"expected a non-empty list of values, got {values!r}")
         if len(set(map(yaml_scalar, values))) != len(values):
-            raise _err(path, f"grid.{key}", "values repeat; list each value once")
-        axes.append(Axis(key, [Value(str(v), _value_segment(key, v), {key: v}) for v in values],
+            raise err(path, f"grid.{key}", "values repeat; list each value once")
+        axes.append(Axis(key, [Value(str(v), value_segment(key, v), {key: v}) for v in values],
                          is_case=False))
     axis_names = [a.name for a in axes]
     case_axes = {a.name for a in axes if a.is_case}
@@ -321,25 +255,25 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
     seeds = [seeds] if isinstance(seeds, int) else seeds
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise _err(path, "seeds", f"expected a non-empty list of integers, got {seeds!r}")
+        raise err(path, "seeds", f"expected a non-empty list of integers, got {seeds!r}")
 
     when = []
     for i, rule in enumerate(spec.get("when") or []):
-        rule = _mapping(path, f"when[{i}]", rule)
+        rule = mapping(path, f"when[{i}]", rule)
         if set(rule) != {"if", "set"}:
-            raise _err(path, f"when[{i}]", "write each rule as {if: {key: value}, set: {key: value}}")
-        when.append((_parse_condition(path, f"when[{i}].if", rule["if"]),
-                     _dotted(path, f"when[{i}].set", rule["set"])))
-    exclude = [_parse_condition(path, f"exclude[{i}]", c) for i, c in enumerate(spec.get("exclude") or [])]
+            raise err(path, f"when[{i}]", "write each rule as {if: {key: value}, set: {key: value}}")
+        when.append((condition(path, f"when[{i}].if", rule["if"]),
+                     dotted(path, f"when[{i}].set", rule["set"])))
+    exclude = [condition(path, f"exclude[{i}]", c) for i, c in enumerate(spec.get("exclude") or [])]
 
     reference = spec.get("reference")
     ref_set: Optional[Dict[str, Any]] = None
     ref_label = "reference"
     if reference is not None:
-        reference = _mapping(path, "reference", reference)
+        reference = mapping(path, "reference", reference)
         if "set" not in reference or set(reference) - {"set", "label"}:
-            raise _err(path, "reference", "write it as {label: f=0, set: {key: value, ...}}")
-        ref_set = _dotted(path, "reference.set", reference["set"])
+            raise err(path, "reference", "write it as {label: f=0, set: {key: value, ...}}")
+        ref_set = dotted(path, "reference.set", reference["set"])
         ref_label = str(reference.get("label", ref_label))
 
     cli: Dict[str, Any] = {}
@@ -353,19 +287,19 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
     if cli and not name:
         # Another setting is another sweep: keep its runs apart (fig3 + data.dataset=mnist
         # -> fig3-mnist) so that neither resumes from the other's results.
-        sweep_name = "-".join([sweep_name, *(_value_segment(k, v) for k, v in cli.items())])
+        sweep_name = "-".join([sweep_name, *(value_segment(k, v) for k, v in cli.items())])
 
-    table = _mapping(path, "table", spec.get("table"))
+    table = mapping(path, "table", spec.get("table"))
     for k in table:
         if k not in ("rows", "columns", "split", "metric", "also"):
-            raise _err(path, f"table.{k}", "unknown key; valid: rows, columns, split, metric, also")
+            raise err(path, f"table.{k}", "unknown key; valid: rows, columns, split, metric, also")
     also = table.get("also", [])
     if not isinstance(also, list) or not all(isinstance(m, str) for m in also):
-        raise _err(path, "table.also", "expected a list of summary.json metrics, e.g. [final_attack_success_rate]")
+        raise err(path, "table.also", "expected a list of summary.json metrics, e.g. [final_attack_success_rate]")
     table = {
-        "rows": _as_axes(path, "table.rows", table.get("rows", axis_names[:1]), axis_names),
-        "columns": _as_axes(path, "table.columns", table.get("columns", axis_names[1:2]), axis_names),
-        "split": _as_axes(path, "table.split", table.get("split"), axis_names),
+        "rows": as_axes(path, "table.rows", table.get("rows", axis_names[:1]), axis_names),
+        "columns": as_axes(path, "table.columns", table.get("columns", axis_names[1:2]), axis_names),
+        "split": as_axes(path, "table.split", table.get("split"), axis_names),
         "metric": str(table.get("metric", "final_test_accuracy_last5")),
         "also": list(also),     # more metrics, each in tables of its own after the metric's
     }
@@ -377,32 +311,32 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
                      {"kind": "heatmap", "rows": table["rows"], "columns": table["columns"],
                       "split": table["split"]}]
     if not isinstance(raw_plots, list):
-        raise _err(path, "plots", "expected a list of {kind: curves|selection|heatmap|diagnostics, ...}")
+        raise err(path, "plots", "expected a list of {kind: curves|selection|heatmap|diagnostics, ...}")
     for i, p in enumerate(raw_plots):
-        p = _mapping(path, f"plots[{i}]", p)
+        p = mapping(path, f"plots[{i}]", p)
         if p.get("kind") not in PLOT_KINDS:
-            raise _err(path, f"plots[{i}].kind", f"'{p.get('kind')}' is not one of {', '.join(PLOT_KINDS)}")
+            raise err(path, f"plots[{i}].kind", f"'{p.get('kind')}' is not one of {', '.join(PLOT_KINDS)}")
         allowed = {"kind", "rows", "columns", "where", "file",
                    "hue" if p["kind"] in ("curves", "diagnostics") else "split"}
         for k in p:
             if k not in allowed:
-                raise _err(path, f"plots[{i}].{k}", f"unknown key; valid: {', '.join(sorted(allowed))}")
+                raise err(path, f"plots[{i}].{k}", f"unknown key; valid: {', '.join(sorted(allowed))}")
         plot = {"kind": p["kind"], "file": p.get("file")}
         for k in ("rows", "columns", "hue", "split"):
-            plot[k] = _as_axes(path, f"plots[{i}].{k}", p.get(k), axis_names)
-        plot["where"] = _parse_condition(path, f"plots[{i}].where", p["where"]) if p.get("where") else {}
+            plot[k] = as_axes(path, f"plots[{i}].{k}", p.get(k), axis_names)
+        plot["where"] = condition(path, f"plots[{i}].where", p["where"]) if p.get("where") else {}
         plots.append(plot)
 
     baseline = {a.name: a.values[0].label for a in axes}
-    for axis_name, value in _mapping(path, "baseline", spec.get("baseline")).items():
+    for axis_name, value in mapping(path, "baseline", spec.get("baseline")).items():
         if str(axis_name) not in axis_names:
-            raise _err(path, f"baseline.{axis_name}", f"not an axis of this sweep; axes: "
+            raise err(path, f"baseline.{axis_name}", f"not an axis of this sweep; axes: "
                                                       f"{', '.join(axis_names) or 'none'}")
         axis = next(a for a in axes if a.name == str(axis_name))
         label = next((v.label for v in axis.values if v.label == str(value)
                       or (not axis.is_case and yaml_scalar(v.overrides[axis.name]) == yaml_scalar(value))), None)
         if label is None:
-            raise _err(path, f"baseline.{axis_name}", f"{value!r} is not one of the axis's values: "
+            raise err(path, f"baseline.{axis_name}", f"{value!r} is not one of the axis's values: "
                                                       f"{', '.join(axis.labels())}")
         baseline[axis.name] = label
 
@@ -448,11 +382,11 @@ def load_grid(path: str | Path, extra: Sequence[str] = (), name: Optional[str] =
         if len(run.id) > 120:  # keep folder names short: a readable head and a digest of the rest
             run.id = f"{run.id[:100]}-{hashlib.sha256(run.id.encode()).hexdigest()[:8]}"
         if run.id in ids:
-            raise _err(path, "grid", f"two runs get the id '{run.id}'; give values that differ "
+            raise err(path, "grid", f"two runs get the id '{run.id}'; give values that differ "
                                      f"after removing characters other than letters, digits and ._+=-")
         ids[run.id] = run
     if not runs:
-        raise _err(path, "exclude", "every point is excluded; nothing to run")
+        raise err(path, "exclude", "every point is excluded; nothing to run")
 
     problems = []
     for run in runs:

@@ -43,11 +43,8 @@ COLUMNS = ("metric", "axis", "baseline", "arm", "cell", "mean_difference", "ci_l
 def shard_holders(cfg) -> List[int]:
     """The logical workers that hold a shard of the partition, as the trainer decides: all n,
     unless a fixed Byzantine set samples the whole training set (then the n - f others)."""
-    n = cfg.workers.n
-    if cfg.attack.rotate or attacks.attack_class(cfg.attack.name).holds_data:
-        return list(range(n))
-    fixed = set(attacks.byzantine_set(cfg, 0))
-    return [w for w in range(n) if w not in fixed]
+    fixed = set(attacks.whole_set_samplers(cfg) or ())
+    return [w for w in range(cfg.workers.n) if w not in fixed]
 
 
 def honest_draws(cfg) -> Dict[str, Any]:

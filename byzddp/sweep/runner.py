@@ -33,7 +33,8 @@ from byzddp import config as config_mod
 from byzddp import io as run_io
 from byzddp.errors import ConfigError
 from byzddp.sweep.forked import ForkedRun
-from byzddp.sweep.grid import Run, Sweep, safe, yaml_scalar
+from byzddp.sweep.grid import Run, Sweep, yaml_scalar
+from byzddp.sweep.spec import safe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 STOP_GRACE_S = 15                # SIGTERM, then SIGKILL after this long

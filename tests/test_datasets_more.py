@@ -65,11 +65,11 @@ def test_emnist_balanced_loader_returns_upright_images(tmp_path):
     assert ds.train_x.shape == (5, 1, 28, 28) and ds.test_x.shape == (3, 1, 28, 28)
     assert ds.num_classes == 47 and not ds.augment
     assert ds.train_y.tolist() == labels["train"].tolist() and ds.test_y.tolist() == labels["test"].tolist()
-    bright = (1.0 - data.EMNIST_MEAN) / data.EMNIST_STD
-    dark = (0.0 - data.EMNIST_MEAN) / data.EMNIST_STD
+    bright = (1.0 - datasets.EMNIST_MEAN) / datasets.EMNIST_STD
+    dark = (0.0 - datasets.EMNIST_MEAN) / datasets.EMNIST_STD
     assert abs(ds.train_x[0, 0, 2, 20].item() - bright) < 1e-5      # upright: row 2, column 20
     assert abs(ds.train_x[0, 0, 20, 2].item() - dark) < 1e-5        # not where the file has it
-    expect = (upright["test"][1] / 255.0 - data.EMNIST_MEAN) / data.EMNIST_STD
+    expect = (upright["test"][1] / 255.0 - datasets.EMNIST_MEAN) / datasets.EMNIST_STD
     assert np.allclose(ds.test_x[1, 0].numpy(), expect, atol=1e-5)
 
 

@@ -98,9 +98,9 @@ def test_yaml_expansion_is_counted_on_the_graph_not_expanded(monkeypatch):
     root = yamlio._Loader(text).get_single_node()
     # the mapping, 3 keys, and each level's value: 1 + 3 + 5 + 21 + 85
     assert yamlio._expanded_size(root) == 1 + 3 + 5 + 21 + 85
-    monkeypatch.setattr(config, "MAX_YAML_VALUES", 115)
+    monkeypatch.setattr(yamlio, "MAX_YAML_VALUES", 115)
     assert config.read_yaml(text) == tree
-    monkeypatch.setattr(config, "MAX_YAML_VALUES", 114)
+    monkeypatch.setattr(yamlio, "MAX_YAML_VALUES", 114)
     with pytest.raises(config.YAMLExpansionError):
         config.read_yaml(text)
 
@@ -298,14 +298,20 @@ def test_a_data_root_without_read_permission_is_one_line_exit_2(tmp_path):
 
 # ---------------------------------------------------------------- non-finite metrics
 
-def inf_test_features(root, **kwargs):
-    """A plug-in dataset whose test set holds an Inf feature: the test loss is NaN."""
-    from examples.my_dataset import blobs
-    train, test = blobs(root, **kwargs)
-    x, y = test.tensors
-    x = x.clone()
-    x[0, 0] = float("inf")
-    return train, (x, y)
+class NaNInEvaluation(torch.nn.Module):
+    """A model that diverged on one input: at evaluation its logits for the first example of a
+    batch are NaN, so the test loss is NaN (the data itself is finite: data.load refuses NaN)."""
+
+    def __init__(self, input_shape, classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(int(torch.tensor(input_shape).prod()), classes)
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        if not self.training:
+            out = out.clone()
+            out[0, 0] = float("nan")
+        return out
 
 
 def test_finite_json_turns_nan_and_inf_into_null_and_names_them():
@@ -319,10 +325,10 @@ def test_finite_json_turns_nan_and_inf_into_null_and_names_them():
     assert record["test_loss"] != record["test_loss"]       # the caller's record is left as it was
 
 
-def test_inf_in_test_features_never_writes_a_bare_nan(tmp_path, capsys):
+def test_a_nan_test_loss_never_writes_a_bare_nan(tmp_path, capsys):
     from byzddp.sweep.records import recorded
-    code = cli.main([*TINY, f"log.dir={tmp_path}", "log.name=r", "data.dataset=test_trust_io:inf_test_features",
-                     "data.partition=iid", "workers.n=4", "workers.byzantine=0", "attack.name=none",
+    code = cli.main([*TINY, f"log.dir={tmp_path}", "log.name=r", "model.name=test_trust_io:NaNInEvaluation",
+                     "workers.n=4", "workers.byzantine=0", "attack.name=none",
                      "aggregator.name=mean", "resampling.name=none"])
     assert code == 0, capsys.readouterr().err
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()

@@ -136,6 +136,8 @@ class MoNNA(Aggregator):
     lower index first among equal distances (Farhadkhani et al. 2023). The designated worker
     must be honest, and row i must be worker i's vector: `byzddp.pipeline` checks both."""
     name = "monna"
+    exempt = {"permutation": "it trusts the row at position `designated` (that worker's own vector): "
+                             "reordering the rows changes whom it trusts"}
     params = ("designated",)
 
     def __init__(self, f: int = 0, designated: int = 0) -> None:

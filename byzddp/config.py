@@ -111,6 +111,8 @@ class AttackConfig:
                                     # half golden-section refinement)
     grid: int = 4                   # adaptive: scales tried per family (alie z, ipm epsilon, sign-flip
                                     # factor: search_max / 2**k, k < grid) and mimic targets
+    objective: str = "distance"     # adaptive: what the choice maximises: distance (||aggregate - honest mean||)
+                                    # | alignment (-<aggregate, honest mean>/||honest mean||)
     pi: float = 1.0                 # rop: attack location, pi * previous update + (1 - pi) * honest mean
     lamb: float = 0.9               # rop: reference direction, lamb * previous update + (1 - lamb) * honest mean
     angle: float = 90.0             # rop: degrees between the perturbation and the reference (90: orthogonal)

@@ -19,6 +19,12 @@ mean's size and beyond). So 4 * grid + 5 evaluations a step (21 at the default g
 each family's own default vector is among them: per step the choice moves the attacker's model
 of the aggregate at least as far as alie, ipm, bitflip, minmax and minsum do.
 
+What the choice maximises is attack.objective: `distance`, ||aggregate - honest mean|| (ByzFL's
+optimal attacks' objective), or `alignment`, -<aggregate, honest mean>/||honest mean||: the
+component of the update against the honest descent direction. A far aggregate is not always a
+harmful one (a copy of an extreme honest worker is far from the mean yet still descends), so
+the two can choose differently; docs/attacks.md compares them in training.
+
 The vector formulas are the families' own (optimal.OptimalALIE/OptimalIPM.line, MinMax.malicious,
 MinSum.malicious, alie_z). Every rank gathers the same rows and runs the same operations on them,
 so the choice, and the bits sent, are the same on any number of ranks. Ties go to the first
@@ -37,6 +43,14 @@ from byzddp.attacks.optimal import OptimalALIE, OptimalIPM, OptimalScale
 from byzddp.errors import ConfigError
 
 FAMILIES = ("alie", "ipm", "signflip", "mimic", "minmax", "minsum")
+
+# What the attackers maximise, from the aggregate and the honest mean (float64): the distance
+# between them (the issue's and ByzFL's objective), or how far the aggregate falls short of the
+# honest mean's direction, -<aggregate, mean>/||mean|| (the descent it undoes, IPM's aim).
+OBJECTIVES = {
+    "distance": lambda out, mean: float(torch.linalg.vector_norm(out - mean)),
+    "alignment": lambda out, mean: float(-(out @ mean) / torch.linalg.vector_norm(mean).clamp_min(1e-300)),
+}
 
 # A candidate: (family, its parameter, rows -> the (f, d) Byzantine rows it sends)
 Candidate = Tuple[str, float, Callable[[], torch.Tensor]]
@@ -92,22 +106,25 @@ def candidates(rows: torch.Tensor, honest: List[int], byzantine: List[int], grid
 
 
 class Adaptive(Attack):
-    """Each step the candidate (of `candidates`) that maximises ||pipeline(sent) - honest mean||."""
+    """Each step the candidate (of `candidates`) that maximises the objective (attack.objective,
+    OBJECTIVES) of the pipeline's output on the rows sent: by default ||output - honest mean||."""
     name = "adaptive"
-    params = ("search_max", "grid")
+    params = ("search_max", "grid", "objective")
     needs_gradient = True       # signflip negates the Byzantine worker's own vector
     needs_pipeline = True
     needs_previous = True       # a stateful rule (cclip) is modelled from the previous update
     min_honest = 2              # ALIE's sample std
 
-    def __init__(self, search_max: float = 10.0, grid: int = 4):
-        self.search_max, self.grid = search_max, grid
+    def __init__(self, search_max: float = 10.0, grid: int = 4, objective: str = "distance"):
+        self.search_max, self.grid, self.objective = search_max, grid, objective
         self.choice = None                      # (family, parameter) of the last step
         self.counts: Dict[str, int] = {}        # steps each family was chosen (inspection only)
 
     @classmethod
-    def check_values(cls, search_max=10.0, grid=4, **_):
+    def check_values(cls, search_max=10.0, grid=4, objective="distance", **_):
         OptimalScale.check_values(search_max=search_max)
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"config key attack.objective: '{objective}' is not one of {', '.join(OBJECTIVES)}")
         if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
             raise ConfigError(f"config key attack.grid: must be an integer >= 1, got {grid}")
 
@@ -120,15 +137,15 @@ class Adaptive(Attack):
         honest = ctx.honest
         mean = rows[honest].to(torch.float64).mean(0)
         byzantine = torch.tensor(ctx.byzantine, device=rows.device)
-        best, best_distance, best_sent = None, -math.inf, None
+        best, best_harm, best_sent = None, -math.inf, None
         for family, value, make in candidates(rows, honest, ctx.byzantine, self.grid, float(self.search_max)):
             sent = rows.clone()
             sent[byzantine] = make().to(rows.dtype)
             aggregate, _ = pipeline_on(ctx, sent)
-            distance = float(torch.linalg.vector_norm(aggregate.to(torch.float64) - mean))
-            distance = -math.inf if math.isnan(distance) else distance
-            if best is None or distance > best_distance:    # ties: the earlier candidate
-                best, best_distance, best_sent = (family, value), distance, sent
+            harm = OBJECTIVES[self.objective](aggregate.to(torch.float64), mean)
+            harm = -math.inf if math.isnan(harm) else harm
+            if best is None or harm > best_harm:    # ties: the earlier candidate
+                best, best_harm, best_sent = (family, value), harm, sent
         self.choice = best
         self.counts[best[0]] = self.counts.get(best[0], 0) + 1
         for i in ctx.local_byzantine:

@@ -59,27 +59,33 @@ def _brute_force(rows, grid=4, top=10.0):
     return out
 
 
-def _distance(rule, rows, byz_rows):
+def _distance(rule, rows, byz_rows, objective="distance"):
+    """The objective by hand: ||F - mu||, or -<F, mu>/||mu|| (alignment)."""
     x = rows.clone()
     x[BYZ] = byz_rows.float()
-    agg = pipeline.build(_cfg(f"aggregator.name={rule}")).rule(x)
-    return float((agg.double() - rows[HONEST].double().mean(0)).norm())
+    agg = pipeline.build(_cfg(f"aggregator.name={rule}")).rule(x).double()
+    mu = rows[HONEST].double().mean(0)
+    if objective == "alignment":
+        return float(-(agg * mu).sum() / mu.square().sum().sqrt())
+    return float((agg - mu).norm())
 
 
+@pytest.mark.parametrize("objective", ["distance", "alignment"])
 @pytest.mark.parametrize("rule", ["cm", "trimmed_mean", "krum", "multikrum", "rfa", "cclip", "mean", "meamed"])
-def test_adaptive_sends_the_best_candidate_of_a_brute_force(rule):
+def test_adaptive_sends_the_best_candidate_of_a_brute_force(rule, objective):
     rows = _rows(1)
-    attack, sent = _forge("adaptive", _cfg(f"aggregator.name={rule}", "attack.name=adaptive"), rows)
+    cfg = _cfg(f"aggregator.name={rule}", "attack.name=adaptive", f"attack.objective={objective}")
+    attack, sent = _forge("adaptive", cfg, rows, objective=objective)
     assert torch.equal(sent[HONEST], rows[HONEST])
-    got = _distance(rule, rows, sent[BYZ])
-    scored = [(name, _distance(rule, rows, v)) for name, v in _brute_force(rows)]
+    got = _distance(rule, rows, sent[BYZ], objective)
+    scored = [(name, _distance(rule, rows, v, objective)) for name, v in _brute_force(rows)]
     best = max(d for _, d in scored)
     assert got == pytest.approx(best, rel=1e-6, abs=1e-9), (attack.choice, scored)
     assert attack.choice[0] in {name for name, d in scored if d == pytest.approx(best, rel=1e-6, abs=1e-9)}
     # at least as damaging, this step, as each family's own attack with its default parameters
     for name in ("alie", "ipm", "bitflip", "minmax", "minsum"):
         _, theirs = _forge(name, _cfg(f"attack.name={name}"), rows)
-        assert got >= _distance(rule, rows, theirs[BYZ]) * (1 - 1e-6), name
+        assert got >= _distance(rule, rows, theirs[BYZ], objective) - 1e-6 * abs(got), name
     if attack.choice[0] != "signflip":      # one vector for every attacker
         assert torch.equal(sent[BYZ[0]], sent[BYZ[1]])
 
@@ -113,6 +119,7 @@ def test_the_grid_sets_the_number_of_pipeline_evaluations():
 @pytest.mark.parametrize("overrides, key", [
     (["attack.grid=0"], "attack.grid"),
     (["attack.grid=2.5"], "attack.grid"),
+    (["attack.objective=far"], "attack.objective"),
     (["attack.search_max=0"], "attack.search_max"),
     (["workers.participation=0.5"], "workers.participation"),
 ])

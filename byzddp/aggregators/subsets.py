@@ -107,6 +107,8 @@ class MinimumDiameterAveraging(_SubsetRule):
     """The mean of the m-f rows whose subset has the smallest diameter, the largest distance
     between two of its rows (El Mhamdi et al. 2018)."""
     name = "mda"
+    exempt = {"permutation": "the diameter is one pair's distance, so every subset that keeps that pair and drops "
+                             "the farther rows ties with the best; ties go to the subset of the lowest rows"}
 
     def _values(self, block: Tensor, k: int) -> Tensor:
         # Squared distances order subsets as distances do. A bad row's distances are +Inf (its

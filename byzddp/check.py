@@ -278,7 +278,8 @@ class Checker:
     # each returns (passed, detail)
 
     def shape(self):
-        devices = [self.device] + ([torch.device("cuda")] if torch.cuda.is_available() and self.device.type == "cpu" else [])
+        gpu = torch.cuda.is_available() and self.device.type == "cpu"     # then the GPU too
+        devices = [self.device] + ([torch.device("cuda")] if gpu else [])
         seen = []
         for device in devices:
             for dtype in (torch.float32, torch.float64):

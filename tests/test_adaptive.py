@@ -2,7 +2,6 @@
 mimic, minmax, minsum) that moves the attacker's copy of the pipeline farthest from the honest
 mean, against a brute force written here (its own grid, its own principal direction, the
 families' own attacks forged through their classes); the same bits on 1 and 2 ranks."""
-import math
 
 import pytest
 import torch

@@ -448,6 +448,8 @@ def run(rule: Union[str, type, Callable], n: int = 10, f: int = 2, d: int = 20, 
         raise ConfigError(f"--n {n} --f {f} --d {d}: need n >= 2, 0 <= f <= n - 2 (two honest rows) and d >= 2")
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"--trials {trials}: give at least 1")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
     try:
         subject = Subject(rule, params)
     except ConfigError as e:    # the plug-in loader names the config key; here it is the argument

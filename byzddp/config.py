@@ -106,9 +106,13 @@ class AttackConfig:
     gamma_tol: float = 1e-5         # minmax/minsum: binary search stops at this step size
     target: str = "auto"            # fang: the rule type attacked: auto (krum for krum/multikrum/bulyan,
                                     # median otherwise) | median | krum (needs a krum-type rule)
-    search_max: float = 10.0        # optimal_alie/optimal_ipm: the scale (z, epsilon) is searched in [0, this]
+    search_max: float = 10.0        # optimal_alie/optimal_ipm/adaptive: the scale (z, epsilon) is searched in [0, this]
     search_evals: int = 20          # optimal_alie/optimal_ipm: pipeline evaluations per step (half a grid,
                                     # half golden-section refinement)
+    grid: int = 4                   # adaptive: scales tried per family (alie z, ipm epsilon, sign-flip
+                                    # factor: search_max / 2**k, k < grid) and mimic targets
+    objective: str = "distance"     # adaptive: what the choice maximises: distance (||aggregate - honest mean||)
+                                    # | alignment (-<aggregate, honest mean>/||honest mean||)
     pi: float = 1.0                 # rop: attack location, pi * previous update + (1 - pi) * honest mean
     lamb: float = 0.9               # rop: reference direction, lamb * previous update + (1 - lamb) * honest mean
     angle: float = 90.0             # rop: degrees between the perturbation and the reference (90: orthogonal)

@@ -19,12 +19,22 @@ def norm_clipped_mean(grads):
     return (grads * scale).mean(dim=0)
 
 
+# What `python -m byzddp.check examples.my_rule:norm_clipped_mean` is not to hold it to, and why
+# (docs/check.md).
+norm_clipped_mean.exempt = {
+    "translation": "norms are measured from the origin",
+    "bounded": "a NaN or Inf vector makes the median norm NaN, so the call refuses the step "
+               "(NonFiniteError) rather than filter it; and a function is told no f",
+}
+
+
 class NormFilter(Aggregator):
     """Drop the f vectors of largest norm, average the rest; `aggregator.args.keep_extra=k`
     keeps k of the dropped ones back (a parameter, to show how they arrive)."""
     name = "norm_filter"
     params = ("keep_extra",)
     sharded = False     # needs whole rows (norms): not under train.exchange=sharded
+    exempt = {"translation": "norms are measured from the origin"}     # for python -m byzddp.check
 
     def __init__(self, f=0, keep_extra=0):
         super().__init__(f)

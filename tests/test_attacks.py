@@ -294,8 +294,9 @@ def test_every_attack_changes_training(probes):
         assert res[label]["sha"] != res[base]["sha"], f"{label} left the model as {base} does"
         assert not torch.equal(res[label]["aggregate"], res[base]["aggregate"]), label
     # optimal_alie, optimal_ipm and rop change training in tests/test_attacks_new.py, backdoor
-    # (poisoned batches, boosted rows) in tests/test_federated.py
-    assert set(BASELINE) >= set(attacks.ATTACKS) - {"none", "optimal_alie", "optimal_ipm", "rop", "backdoor"}
+    # (poisoned batches, boosted rows) in tests/test_federated.py, adaptive in tests/test_adaptive.py
+    assert set(BASELINE) >= set(attacks.ATTACKS) - {"none", "optimal_alie", "optimal_ipm", "rop", "backdoor",
+                                                    "adaptive"}
 
 
 def test_real_and_declared_f_and_the_policy_are_separate(probes):

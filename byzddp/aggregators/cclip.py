@@ -17,6 +17,10 @@ class CenteredClipping(Aggregator):
     name = "cclip"
     params = ("tau", "L")
     stateful = True
+    exempt = {
+        "identical": "clipping is absolute: from the centre 0, L steps of at most tau reach g only when ||g|| <= L tau",
+        "translation": "clipping around a centre carried from the previous call (0 at first) and an absolute radius tau",
+    }
 
     def __init__(self, f: int = 0, tau: float = 10.0, L: int = 3) -> None:
         super().__init__(f)

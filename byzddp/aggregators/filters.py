@@ -207,6 +207,10 @@ class SignGuard(Drawing):
     (NonFiniteError from `rule(grads)`).
     """
     name = "signguard"
+    exempt = {"translation": "it filters by norms relative to the median norm and by sign statistics, "
+                             "both measured from the origin",
+              "permutation": "mean-shift modes of equal count and clusters of equal size go to the lowest "
+                             "row (sign statistics on few coordinates tie often)"}
     params = ("norm_low", "norm_high", "sign_fraction")
 
     def __init__(self, f: int = 0, norm_low: float = 0.1, norm_high: float = 3.0,
@@ -270,6 +274,8 @@ class FLTrust(Aggregator):
     step); a non-finite g0 gives a NaN aggregate.
     """
     name = "fltrust"
+    exempt = {"translation": "trust is the cosine to the root gradient and every row is rescaled to its norm, "
+                             "both measured from the origin"}
     params = ("root_size",)
     trusted_root = True
 

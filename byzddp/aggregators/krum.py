@@ -99,6 +99,8 @@ class Bulyan(Aggregator):
     """Krum picks theta = m-2f rows one by one; per coordinate the mean of the beta = theta-2f
     picked values closest to their median (clamped to >= 1 outside the theory)."""
     name = "bulyan"
+    exempt = {"permutation": "its last Krum rounds score each row by its distance to its k = r-f-2 nearest (k = 1 at "
+                             "f = 2): two mutually nearest rows tie exactly and the tie goes to the lower index"}
 
     @classmethod
     def requirements(cls, m: int, fp: int, params: dict) -> list:

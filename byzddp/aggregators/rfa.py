@@ -12,6 +12,8 @@ class RFA(Aggregator):
     """Smoothed Weiszfeld iterations for the geometric median, from z = 0, equal weights;
     a non-finite row gets weight zero."""
     name = "rfa"
+    exempt = {"translation": "Weiszfeld starts at z = 0 and stops after T steps (T = 1: the normalized mean), so the "
+                             "output depends on the origin; only its limit, the geometric median, is equivariant"}
     params = ("T", "nu")
 
     def __init__(self, f: int = 0, T: int = 8, nu: float = 0.1) -> None:

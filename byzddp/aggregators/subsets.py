@@ -107,6 +107,8 @@ class MinimumDiameterAveraging(_SubsetRule):
     """The mean of the m-f rows whose subset has the smallest diameter, the largest distance
     between two of its rows (El Mhamdi et al. 2018)."""
     name = "mda"
+    exempt = {"permutation": "the diameter is one pair's distance, so every subset that keeps that pair and drops "
+                             "the farther rows ties with the best; ties go to the subset of the lowest rows"}
 
     def _values(self, block: Tensor, k: int) -> Tensor:
         # Squared distances order subsets as distances do. A bad row's distances are +Inf (its
@@ -136,6 +138,8 @@ class MoNNA(Aggregator):
     lower index first among equal distances (Farhadkhani et al. 2023). The designated worker
     must be honest, and row i must be worker i's vector: `byzddp.pipeline` checks both."""
     name = "monna"
+    exempt = {"permutation": "it trusts the row at position `designated` (that worker's own vector): "
+                             "reordering the rows changes whom it trusts"}
     params = ("designated",)
 
     def __init__(self, f: int = 0, designated: int = 0) -> None:

@@ -22,6 +22,7 @@ What each attack pays for on the wire (d = model size; nothing at all when no wo
                         all_reduces of d values (the honest max and min); krum target: one
                         all_gather, then the rule once per halving of lambda (Fang et al. 2020)
     optimal_alie, optimal_ipm   one all_gather, then the pipeline attack.search_evals times
+    adaptive            one all_gather, then the pipeline 4 * attack.grid + 5 times
     rop                 one exact sum (the honest mean); the previous update is already on
                         every rank (Ozfatura et al. 2024)
     backdoor            no collective: Byzantine workers train on their own shards with a
@@ -43,6 +44,7 @@ from typing import Dict, List, Optional, Type
 import torch
 
 from byzddp import plugins, streams
+from byzddp.attacks.adaptive import Adaptive
 from byzddp.attacks.backdoor import Backdoor
 from byzddp.attacks.fang import Fang
 from byzddp.attacks.base import Attack, AttackContext, copy_of, exact_sum, honest_mean, honest_std, require_positive
@@ -59,7 +61,7 @@ __all__ = ["ATTACKS", "Attack", "AttackContext", "alie_z", "attack_class", "buil
 
 ATTACKS: Dict[str, Type[Attack]] = {cls.name: cls for cls in (
     Attack, BitFlip, LabelFlip, Gaussian, NormalizedMean, Mimic, Mimic2, ALIE, IPM, MinMax, MinSum,
-    NaN, Inf, Zero, Stale, Fang, OptimalALIE, OptimalIPM, ROP, Backdoor)}
+    NaN, Inf, Zero, Stale, Fang, OptimalALIE, OptimalIPM, ROP, Backdoor, Adaptive)}
 
 
 def real_f(cfg) -> int:

@@ -77,6 +77,22 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finish(fig, axes, title: Optional[str], path: Path) -> Path:
+    """The title, the layout and one legend for the figure (the same series recur in every
+    panel), then the file."""
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    handles: dict = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="upper center",
+                   bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
 def _colour(i: int):
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return cycle[i % len(cycle)]
@@ -115,18 +131,7 @@ def accuracy_curves(panels: Dict[Tuple[str, str], List[Series]], rows: Sequence[
             if not drawn:
                 ax.text(0.5, 0.5, "no finished runs", ha="center", va="center",
                         transform=ax.transAxes, fontsize=8, color="grey")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    # One legend for the figure: the same series recur in every panel.
-    handles: dict = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="upper center",
-                   bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 4), fontsize=8, frameon=False)
-    return _save(fig, path)
+    return _finish(fig, axes, title, path)
 
 
 @dataclass
@@ -277,14 +282,4 @@ def diagnostic_curves(panels: Dict[Tuple[str, str], List[Series]], rows: Sequenc
             if not drawn:
                 ax.text(0.5, 0.5, "not recorded", ha="center", va="center",
                         transform=ax.transAxes, fontsize=8, color="grey")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    handles: dict = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="upper center",
-                   bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 4), fontsize=8, frameon=False)
-    return _save(fig, path)
+    return _finish(fig, axes, title, path)

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from byzddp.attacks.base import Attack, everyone, pipeline_on
+from byzddp.attacks.base import Attack, everyone_to_forge, pipeline_on
 from byzddp.attacks.omniscient import IPM, MinMax, MinSum, alie_z
 from byzddp.attacks.optimal import OptimalALIE, OptimalIPM, OptimalScale
 from byzddp.errors import ConfigError
@@ -129,10 +129,8 @@ class Adaptive(Attack):
             raise ConfigError(f"config key attack.grid: must be an integer >= 1, got {grid}")
 
     def forge(self, ctx):
-        if not ctx.byzantine:
-            return
-        rows = everyone(ctx)
-        if not ctx.local_byzantine:
+        rows = everyone_to_forge(ctx)
+        if rows is None:
             return
         honest = ctx.honest
         mean = rows[honest].to(torch.float64).mean(0)

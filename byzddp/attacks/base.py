@@ -245,6 +245,15 @@ def everyone(ctx: AttackContext) -> torch.Tensor:
     return ctx.exchange.all_gather(ctx.rows.contiguous())
 
 
+def everyone_to_forge(ctx: AttackContext) -> Optional[torch.Tensor]:
+    """`everyone(ctx)` when this rank hosts a Byzantine worker to forge; None otherwise, and
+    when the step has no Byzantine worker at all (then no rank joins the collective)."""
+    if not ctx.byzantine:
+        return None
+    rows = everyone(ctx)
+    return rows if ctx.local_byzantine else None
+
+
 # ---------------------------------------------------------------------------- attacks
 
 def require_positive(key: str, value) -> None:

@@ -26,7 +26,7 @@ from typing import Callable, Tuple
 
 import torch
 
-from byzddp.attacks.base import Attack, everyone, pipeline_on
+from byzddp.attacks.base import Attack, everyone_to_forge, pipeline_on
 from byzddp.errors import ConfigError
 
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -90,10 +90,8 @@ class OptimalScale(Attack):
         raise NotImplementedError
 
     def forge(self, ctx):
-        if not ctx.byzantine:
-            return
-        rows = everyone(ctx)
-        if not ctx.local_byzantine:
+        rows = everyone_to_forge(ctx)
+        if rows is None:
             return
         device = rows.device
         g = rows.index_select(0, torch.tensor(ctx.honest, device=device)).to(torch.float64)

@@ -1,0 +1,284 @@
+"""A robust aggregation in place of DDP's mean all-reduce, for your own training loop.
+
+    model = DistributedDataParallel(net)
+    byzddp.ddp.register(model, rule="cm", f=1)
+
+installs a DDP communication hook (`DistributedDataParallel.register_comm_hook`): one worker per
+rank, as DDP has it; every rank's gradient is gathered and the robust pipeline (pre-aggregation,
+then the rule) replaces the mean. Two ways through a step:
+
+- bucket by bucket, when everything is coordinate-wise (the rules mean, cm, trimmed_mean, meamed;
+  no pre-aggregation, or one that only averages groups drawn from the step's stream; the attacks
+  none, bitflip, alie, ipm, nan, inf, zero): each bucket is gathered as soon as DDP hands it over,
+  overlapping communication with the rest of the backward pass, and aggregated on its own;
+- whole vector, otherwise (krum, rfa, cclip, bulyan, nnm, gaussian, ...): each bucket's Future is
+  held back until DDP hands over its last bucket; then the whole gradient is assembled in the
+  model's parameter order, forged, gathered, aggregated, and every held Future is completed. DDP
+  waits on all the buckets' Futures only after the backward pass, so completing the earlier ones
+  from the last bucket's hook is allowed; the canonical order keeps state (cclip's centre, stale's
+  history) meaningful across DDP's re-bucketing after the first iteration.
+
+Every rank gathers every row (an all_gather) and runs the same deterministic pipeline on the
+same bits with the same random streams (keyed by seed and step): the aggregates, so the
+parameters, are identical without a second collective. A rank-0-then-broadcast scheme would pay
+one more latency per step for nothing the determinism does not already give (byzddp's rules are
+bit-reproducible functions of their input: docs/design.md). On mixed hardware, where one device's
+kernels may round differently, check the parameters with `parameter_checksum`.
+
+Byzantine ranks forge their row inside the hook with byzddp's attacks (omniscient ones learn the
+honest rows over the same collectives the trainer uses, byzddp/exchange.py). Everything is
+checked at `register` time: a rule that cannot tolerate f, an attack that needs the Byzantine
+rank's data (labelflip, backdoor) are one line (ConfigError) naming the argument.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from byzddp import aggregators, attacks, config, pipeline, streams
+from byzddp.attacks import AttackContext
+from byzddp.distributed import Topology
+from byzddp.errors import ConfigError
+from byzddp.exchange import Exchange
+
+__all__ = ["register", "RobustHook", "parameter_checksum"]
+
+# What can be computed bucket by bucket: the output's coordinate j depends on the rows'
+# coordinate j only.
+COORDINATE_RULES = ("mean", "cm", "trimmed_mean", "meamed")
+COORDINATE_PRE = ("none", "s_replacement", "bucketing", "with_replacement", "fixed_groups")
+COORDINATE_ATTACKS = ("none", "bitflip", "alie", "ipm", "nan", "inf", "zero")
+
+# Config keys as they appear in byzddp's messages -> the register arguments that set them.
+_ARGUMENTS = [("aggregator.allow_unsafe=true", "allow_unsafe=True"), ("aggregator.args", "rule_args"),
+              ("aggregator.name", "rule"), ("workers.byzantine", "f"), ("attack.count", "byzantine_ranks"),
+              ("attack.name", "attack"), ("resampling.name", "pre"), ("resampling.s", "s"),
+              ("resampling.tau", "tau"), ("workers.n", "the world size")]
+
+
+def _in_arguments(message: str) -> str:
+    """A config-worded message in the words of register's arguments."""
+    message = message.replace("config key ", "byzddp.ddp.register argument ")
+    for key, argument in _ARGUMENTS:
+        message = message.replace(key, argument)
+    message = re.sub(r"\baggregator\.(\w+)", r"\1", message)
+    message = re.sub(r"\battack\.(\w+)", r"attack_args['\1']", message)
+    return message if message.startswith("byzddp.ddp.register") else f"byzddp.ddp.register: {message}"
+
+
+def _refuse(message: str) -> None:
+    raise ConfigError(f"byzddp.ddp.register: {message}")
+
+
+def _config(world: int, rule: str, f: int, byzantine: Sequence[int], attack: str, pre: str, s: int,
+            seed: int, allow_unsafe: bool, rule_args: dict, attack_args: dict, tau: Optional[float]):
+    """The run config these arguments stand for (one worker per rank), checked as train.py checks
+    its own: the rule's requirements on (m, f'), the pre-aggregation, the attack."""
+    builtin = ":" not in rule
+    tree = {"seed": seed,
+            "workers": {"n": world, "byzantine": f},
+            "aggregator": {"name": rule, "allow_unsafe": allow_unsafe,
+                           **(rule_args if builtin else {"args": dict(rule_args)})},
+            "resampling": {"name": pre, "s": s, **({} if tau is None else {"tau": tau})},
+            "attack": {"name": attack, **({"count": len(byzantine)} if attack != "none" else {}),
+                       **(attack_args if ":" not in attack else {"args": dict(attack_args)})}}
+    try:
+        return config.from_dict(tree)
+    except ConfigError as e:
+        raise ConfigError(_in_arguments(str(e))) from None
+
+
+class RobustHook:
+    """The hook's state: the pipeline, the attack, the step counter, and the buckets held back
+    until the last one (whole-vector mode). DDP calls robust_hook(state=this, bucket)."""
+
+    def __init__(self, model, cfg, byzantine: List[int]):
+        self.model, self.cfg = model, cfg
+        self.group = model.process_group
+        self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.byzantine = byzantine
+        self.pipeline = pipeline.build(cfg)
+        self.attack = attacks.from_config(cfg)
+        self.attack_pipeline = pipeline.build(cfg) if self.attack.needs_pipeline else None
+        self.previous: Optional[torch.Tensor] = None
+        device = next(model.parameters()).device
+        self.exchange = Exchange(Topology(self.rank, self.world, self.rank, device,
+                                          dist.get_backend(self.group), self.world))
+        rule, pre, attack = cfg.aggregator.name, cfg.resampling.name, cfg.attack.name
+        self.by_bucket = rule in COORDINATE_RULES and pre in COORDINATE_PRE and attack in COORDINATE_ATTACKS
+        # The model's parameter order: where each parameter's gradient sits in the whole vector.
+        self.offsets: Dict[int, int] = {}
+        start = 0
+        for p in model.module.parameters():
+            if p.requires_grad:
+                self.offsets[p.data_ptr()] = start
+                start += p.numel()
+        self.d = start
+        self.step = 0
+        self.held: list = []        # (bucket buffer, its parameters' (canonical, local, numel), Future)
+
+    @property
+    def mode(self) -> str:
+        return "bucket" if self.by_bucket else "whole"
+
+    # -------------------------------------------------------------------- the pipeline
+
+    def _forge(self, row: torch.Tensor) -> None:
+        """This rank's (1, width) row, forged in place if it is Byzantine (collective: every
+        rank calls it, as omniscient attacks exchange honest statistics)."""
+        if not self.byzantine:
+            return
+        ctx = AttackContext(self.step, self.cfg.seed, row, range(self.rank, self.rank + 1), self.byzantine,
+                            self.exchange, self.world, self.cfg.workers.byzantine, self.attack_pipeline,
+                            self.previous)
+        self.attack.forge(ctx)
+
+    def _aggregate(self, rows: torch.Tensor) -> torch.Tensor:
+        """Pre-aggregation and the rule on the (world, width) gathered rows; the streams are
+        keyed by (seed, step), as the trainer keys them, so each bucket draws the same groups."""
+        p, seed = self.pipeline, self.cfg.seed
+        outputs, _ = p.pre(rows, streams.generator("resampling", seed, self.step))
+        inputs = {}
+        if p.rule.draws:
+            inputs["generator"] = streams.generator("aggregator", seed, self.step)
+        return p.rule(outputs, **inputs)
+
+    def _gather(self, row: torch.Tensor, async_op: bool):
+        rows = torch.empty(self.world, row.shape[1], dtype=row.dtype, device=row.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(rows, row, group=self.group, async_op=async_op)
+        return rows, work
+
+    # -------------------------------------------------------------------- the hook
+
+    def __call__(self, bucket):
+        if self.by_bucket:
+            return self._bucket(bucket)
+        return self._whole(bucket)
+
+    def _bucket(self, bucket) -> torch.futures.Future:
+        buffer = bucket.buffer()
+        row = buffer.view(1, -1)
+        self._forge(row)
+        rows, work = self._gather(row, async_op=True)
+        last = bucket.is_last()
+
+        def reduce(_):
+            buffer.copy_(self._aggregate(rows))
+            return buffer
+        fut = work.get_future().then(reduce)
+        if last:
+            # Bucket futures complete in order of issue on every backend; the step count moves on
+            # once every bucket's aggregation has read it.
+            fut = fut.then(self._next_step)
+        return fut
+
+    def _next_step(self, fut):
+        self.step += 1
+        return fut.value()
+
+    def _whole(self, bucket) -> torch.futures.Future:
+        buffer = bucket.buffer()
+        pieces, local = [], 0
+        for p in bucket.parameters():
+            pieces.append((self.offsets[p.data_ptr()], local, p.numel()))
+            local += p.numel()
+        fut = torch.futures.Future()
+        self.held.append((buffer, pieces, fut))
+        if not bucket.is_last():
+            return fut
+        held, self.held = self.held, []
+        whole = buffer.new_empty(1, self.d)
+        for buf, pieces, _ in held:
+            for canonical, at, numel in pieces:
+                whole[0, canonical:canonical + numel].copy_(buf[at:at + numel])
+        self._forge(whole)
+        rows, _ = self._gather(whole, async_op=False)
+        update = self._aggregate(rows)
+        if self.attack.needs_previous:
+            self.previous = update.clone()
+        for buf, pieces, f in held:
+            for canonical, at, numel in pieces:
+                buf[at:at + numel].copy_(update[canonical:canonical + numel])
+            f.set_result(buf)
+        self.step += 1
+        return fut
+
+
+def robust_hook(state, bucket):
+    """The communication hook DDP calls per bucket; `state` is the RobustHook. (No annotations:
+    DDP checks them against its own types.)"""
+    return state(bucket)
+
+
+def register(ddp_model, rule: str = "cm", f: Optional[int] = None, byzantine_ranks: Sequence[int] = (),
+             attack: str = "none", pre: str = "none", s: int = 2, seed: int = 0, allow_unsafe: bool = False,
+             attack_args: Optional[dict] = None, tau: Optional[float] = None, **rule_args) -> RobustHook:
+    """Replace `ddp_model`'s mean all-reduce with byzddp's robust aggregation; returns the hook.
+
+    rule: a rule of byzddp.aggregators (or package.module:rule), its parameters as keywords
+    (`rule_args`: b=, T=, tau=... as aggregator.<param> in a run's config; cclip's radius is
+    rule_args' `tau`, the clipping pre-aggregation's is `tau` too and then goes to `pre`: give one).
+    f: how many ranks may be Byzantine (default: len(byzantine_ranks)).
+    byzantine_ranks, attack, attack_args: ranks that forge their gradient with byzddp's attack
+    (a simulation; attack_args as attack.<param>). pre, s: the pre-aggregation (bucketing, nnm,
+    s_replacement, ...) and its group size. seed keys the random streams.
+    Every problem is a ConfigError with one line, raised here, before any step."""
+    from torch.nn.parallel import DistributedDataParallel
+    if not isinstance(ddp_model, DistributedDataParallel):
+        _refuse(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}")
+    if not dist.is_initialized():
+        _refuse("no process group: call torch.distributed.init_process_group first")
+    group = ddp_model.process_group
+    world = dist.get_world_size(group)
+    if world != dist.get_world_size():
+        _refuse("the model's process group must span every rank (the default group); byzddp's "
+                "omniscient attacks and exact sums run on it")
+    byzantine = sorted(set(int(r) for r in byzantine_ranks))
+    if len(byzantine) != len(tuple(byzantine_ranks)) or any(not 0 <= r < world for r in byzantine):
+        _refuse(f"byzantine_ranks must be distinct ranks in [0, {world}), got {tuple(byzantine_ranks)}")
+    if byzantine and attack == "none":
+        _refuse(f"byzantine_ranks={tuple(byzantine)} with attack='none': name the attack they run "
+                f"(e.g. attack='bitflip'), or leave byzantine_ranks empty")
+    if attack != "none" and not byzantine:
+        _refuse(f"attack='{attack}' needs byzantine_ranks: the ranks that forge")
+    if f is None:
+        f = len(byzantine)
+    if attack != "none":
+        cls = attacks.attack_class(attack)
+        base = attacks.Attack
+        if cls.labels is not base.labels or cls.poison is not base.poison or cls.prepare is not base.prepare:
+            _refuse(f"attack '{attack}' changes what a Byzantine rank trains on, which a gradient hook "
+                    f"never sees; poison that rank's batches in your loop and register attack='none' "
+                    f"(its gradient is then the Byzantine one)")
+    if ":" not in rule:
+        known = aggregators.PARAMS.get(rule)
+        if known is None:
+            _refuse(f"rule '{rule}' is not one of {', '.join(aggregators.RULES)} (or package.module:rule)")
+        for key in rule_args:
+            if key not in known:
+                _refuse(f"rule {rule} takes no argument '{key}'; its parameters: {', '.join(known) or 'none'}")
+    if attack != "none" and ":" not in attack:
+        for key in attack_args or {}:
+            if key not in cls.params:
+                _refuse(f"attack {attack} takes no attack_args['{key}']; its parameters: "
+                        f"{', '.join(cls.params) or 'none'}")
+    if tau is not None and "tau" in rule_args:
+        _refuse("tau given twice: rule_args' tau is cclip's radius, tau= the clipping pre-aggregation's")
+    cfg = _config(world, rule, f, byzantine, attack, pre, s, seed, allow_unsafe, dict(rule_args),
+                  dict(attack_args or {}), tau)
+    hook = RobustHook(ddp_model, cfg, byzantine)
+    ddp_model.register_comm_hook(hook, robust_hook)
+    return hook
+
+
+def parameter_checksum(model) -> torch.Tensor:
+    """Two int64 sums of the parameters' bits (plain and position-weighted), for comparing
+    replicas across ranks: equal on every rank if and only if (up to collisions) the bits are."""
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    bits = flat.view(torch.int32).to(torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64) % 65521
+    return torch.stack([bits.sum(), (bits * weights).sum()])

@@ -56,7 +56,7 @@ COORDINATE_ATTACKS = ("none", "bitflip", "alie", "ipm", "nan", "inf", "zero")
 _ARGUMENTS = [("aggregator.allow_unsafe=true", "allow_unsafe=True"), ("aggregator.args", "rule_args"),
               ("aggregator.name", "rule"), ("workers.byzantine", "f"), ("attack.count", "byzantine_ranks"),
               ("attack.name", "attack"), ("resampling.name", "pre"), ("resampling.s", "s"),
-              ("resampling.tau", "tau"), ("workers.n", "the world size")]
+              ("resampling.tau", "pre_tau"), ("workers.n", "the world size")]
 
 
 def _in_arguments(message: str) -> str:
@@ -216,16 +216,16 @@ def robust_hook(state, bucket):
 
 def register(ddp_model, rule: str = "cm", f: Optional[int] = None, byzantine_ranks: Sequence[int] = (),
              attack: str = "none", pre: str = "none", s: int = 2, seed: int = 0, allow_unsafe: bool = False,
-             attack_args: Optional[dict] = None, tau: Optional[float] = None, **rule_args) -> RobustHook:
+             attack_args: Optional[dict] = None, pre_tau: Optional[float] = None, **rule_args) -> RobustHook:
     """Replace `ddp_model`'s mean all-reduce with byzddp's robust aggregation; returns the hook.
 
     rule: a rule of byzddp.aggregators (or package.module:rule), its parameters as keywords
-    (`rule_args`: b=, T=, tau=... as aggregator.<param> in a run's config; cclip's radius is
-    rule_args' `tau`, the clipping pre-aggregation's is `tau` too and then goes to `pre`: give one).
+    (`rule_args`: b=, T=, tau=... as aggregator.<param> in a run's config).
     f: how many ranks may be Byzantine (default: len(byzantine_ranks)).
     byzantine_ranks, attack, attack_args: ranks that forge their gradient with byzddp's attack
     (a simulation; attack_args as attack.<param>). pre, s: the pre-aggregation (bucketing, nnm,
-    s_replacement, ...) and its group size. seed keys the random streams.
+    s_replacement, ...) and its group size; pre_tau: the radius of pre="clipping". seed keys the
+    random streams.
     Every problem is a ConfigError with one line, raised here, before any step."""
     from torch.nn.parallel import DistributedDataParallel
     if not isinstance(ddp_model, DistributedDataParallel):
@@ -266,10 +266,8 @@ def register(ddp_model, rule: str = "cm", f: Optional[int] = None, byzantine_ran
             if key not in cls.params:
                 _refuse(f"attack {attack} takes no attack_args['{key}']; its parameters: "
                         f"{', '.join(cls.params) or 'none'}")
-    if tau is not None and "tau" in rule_args:
-        _refuse("tau given twice: rule_args' tau is cclip's radius, tau= the clipping pre-aggregation's")
     cfg = _config(world, rule, f, byzantine, attack, pre, s, seed, allow_unsafe, dict(rule_args),
-                  dict(attack_args or {}), tau)
+                  dict(attack_args or {}), pre_tau)
     hook = RobustHook(ddp_model, cfg, byzantine)
     ddp_model.register_comm_hook(hook, robust_hook)
     return hook

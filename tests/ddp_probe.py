@@ -86,6 +86,14 @@ def by_hand(case, rows, step):
         return cm(rows)
     if rule == "krum":
         return krum(rows, case.get("f", 0))
+    if rule == "cclip":     # the centre carried over from the previous step's aggregate
+        tau, c = case["rule_args"]["tau"], case["centre"]
+        c = torch.zeros(rows.shape[1], dtype=torch.float64) if c is None else c
+        for _ in range(3):
+            v = rows.double() - c
+            c = c + (v * (tau / v.norm(dim=1, keepdim=True)).clamp(max=1)).mean(0)
+        case["centre"] = c
+        return c.float()
     raise ValueError(rule)
 
 
@@ -98,7 +106,8 @@ def run(case):
     model = DDP(net, bucket_cap_mb=case.get("bucket_mb", 0.0004), find_unused_parameters=case.get("unused", False))
     kwargs = {k: case[k] for k in ("rule", "f", "byzantine_ranks", "attack", "attack_args", "pre", "s",
                                    "allow_unsafe") if k in case}
-    hook = robust.register(model, **kwargs) if case.get("register", True) else None
+    hook = robust.register(model, **kwargs, **case.get("rule_args", {})) if case.get("register", True) else None
+    case["centre"] = None
     params = list(net.parameters())
     errors, grads = [], []
     accum = case.get("accum", 1)

@@ -13,7 +13,8 @@ then the rule) replaces the mean. Two ways through a step:
   overlapping communication with the rest of the backward pass, and aggregated on its own;
 - whole vector, otherwise (krum, rfa, cclip, bulyan, nnm, gaussian, ...): each bucket's Future is
   held back until DDP hands over its last bucket; then the whole gradient is assembled in the
-  model's parameter order, forged, gathered, aggregated, and every held Future is completed. DDP
+  model's parameter order, forged, gathered, aggregated, and every held Future is completed
+  (under a coordinate-wise attack, or none, each bucket's gather starts as it comes). DDP
   waits on all the buckets' Futures only after the backward pass, so completing the earlier ones
   from the last bucket's hook is allowed; the canonical order keeps state (cclip's centre, stale's
   history) meaningful across DDP's re-bucketing after the first iteration.
@@ -118,7 +119,8 @@ class RobustHook:
                 start += p.numel()
         self.d = start
         self.step = 0
-        self.held: list = []        # (bucket buffer, its parameters' (canonical, local, numel), Future)
+        # Buckets held back: (buffer, its parameters' (canonical, local, numel), Future, gather or None)
+        self.held: list = []
 
     @property
     def mode(self) -> str:
@@ -181,26 +183,42 @@ class RobustHook:
         return fut.value()
 
     def _whole(self, bucket) -> torch.futures.Future:
+        """Hold the bucket until the last; a coordinate-wise attack forges it and its gather
+        starts at once (overlapping the rest of the backward pass), a whole-vector attack waits
+        for the whole gradient."""
         buffer = bucket.buffer()
         pieces, local = [], 0
         for p in bucket.parameters():
             pieces.append((self.offsets[p.data_ptr()], local, p.numel()))
             local += p.numel()
         fut = torch.futures.Future()
-        self.held.append((buffer, pieces, fut))
+        early = self.cfg.attack.name in COORDINATE_ATTACKS
+        gathered = None
+        if early:
+            row = buffer.view(1, -1)
+            self._forge(row)
+            gathered = self._gather(row, async_op=True)
+        self.held.append((buffer, pieces, fut, gathered))
         if not bucket.is_last():
             return fut
         held, self.held = self.held, []
-        whole = buffer.new_empty(1, self.d)
-        for buf, pieces, _ in held:
-            for canonical, at, numel in pieces:
-                whole[0, canonical:canonical + numel].copy_(buf[at:at + numel])
-        self._forge(whole)
-        rows, _ = self._gather(whole, async_op=False)
+        if early:
+            rows = buffer.new_empty(self.world, self.d)
+            for _, pieces, _, (part, work) in held:
+                work.wait()
+                for canonical, at, numel in pieces:
+                    rows[:, canonical:canonical + numel].copy_(part[:, at:at + numel])
+        else:
+            whole = buffer.new_empty(1, self.d)
+            for buf, pieces, _, _ in held:
+                for canonical, at, numel in pieces:
+                    whole[0, canonical:canonical + numel].copy_(buf[at:at + numel])
+            self._forge(whole)
+            rows, _ = self._gather(whole, async_op=False)
         update = self._aggregate(rows)
         if self.attack.needs_previous:
             self.previous = update.clone()
-        for buf, pieces, f in held:
+        for buf, pieces, f, _ in held:
             for canonical, at, numel in pieces:
                 buf[at:at + numel].copy_(update[canonical:canonical + numel])
             f.set_result(buf)

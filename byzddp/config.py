@@ -26,16 +26,19 @@ from byzddp.errors import ConfigError  # noqa: F401  (re-exported: config.Config
 @dataclass
 class DataConfig:
     dataset: str = "mnist5k"        # mnist5k | mnist | fashionmnist | emnist | cifar10 | cifar100 | svhn
+                                    # | text (the characters of the UTF-8 file or folder data.root)
                                     # | package.module:loader (docs/extending.md)
     args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in loader (besides root)
     classes: Optional[int] = None   # plug-in loader: number of classes (default: inferred from the labels)
-    partition: str = "sorted"       # iid | sorted | dirichlet | two_groups
+    partition: str = "sorted"       # iid | sorted | dirichlet | two_groups | contiguous (the dataset's own
+                                    # order cut in spans; for text, sorted means contiguous)
     alpha: float = 1.0              # dirichlet concentration
     root: str = "data"              # where torchvision datasets live
     download: bool = True           # torchvision datasets: download when missing
     test_size: int = 1000           # mnist5k: digits held out as the test set (split=balanced)
     split: str = "balanced"         # mnist5k: balanced (test_size/10 per class) | official (the official code's files)
     sampling: str = "stream"        # stream: endless per-worker permutations | epoch: the official loaders' epochs
+    block_size: int = 64            # text: characters per sequence (the gpt's context length)
     byzantine_data: str = "all"     # all: Byzantine workers sample the whole training set (paper);
                                     # own: a shard each (needs attack.rotate=true)
 
@@ -43,8 +46,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"               # mlp | cnn (the official code's) | cnn_relu | resnet20 | resnet18
+                                    # | gpt (a causal transformer, for data.dataset=text)
                                     # | package.module:factory (docs/extending.md)
     hidden: List[int] = field(default_factory=lambda: [200])  # mlp hidden sizes
+    width: int = 128                # gpt: embedding width (a multiple of model.heads)
+    depth: int = 2                  # gpt: transformer blocks
+    heads: int = 4                  # gpt: attention heads per block
     args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in factory
 
 
@@ -383,10 +390,10 @@ def run_name(cfg: Config) -> str:
 
 # ---------------------------------------------------------------------------- validation
 
-DATASETS = ("mnist5k", "mnist", "fashionmnist", "emnist", "cifar10", "cifar100", "svhn")
+DATASETS = ("mnist5k", "mnist", "fashionmnist", "emnist", "cifar10", "cifar100", "svhn", "text")
 GRAYSCALE = ("mnist5k", "mnist", "fashionmnist", "emnist")   # 1x28x28 images
-PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups")
-MODELS = ("mlp", "cnn", "cnn_relu", "resnet20", "resnet18")
+PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups", "contiguous")
+MODELS = ("mlp", "cnn", "cnn_relu", "resnet20", "resnet18", "gpt")
 
 
 def _choice(key: str, value: str, allowed) -> None:
@@ -469,6 +476,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key data.test_size: data.split=official fixes the test set (the last "
                           f"1,000 digits); leave data.test_size at 1000")
     _name("log.name", cfg.log.name)
+    for key in ("width", "depth", "heads"):
+        _positive(f"model.{key}", getattr(cfg.model, key))
+    _positive("data.block_size", cfg.data.block_size)
+    if cfg.model.width % cfg.model.heads:
+        raise ConfigError(f"config key model.width: {cfg.model.width} is not a multiple of model.heads="
+                          f"{cfg.model.heads} (each head takes width/heads); change one of them")
+    text, gpt = cfg.data.dataset == "text", cfg.model.name == "gpt"
+    if gpt and not text:
+        raise ConfigError(f"config key model.name: gpt reads character sequences; set data.dataset=text "
+                          f"(got {cfg.data.dataset})")
+    if text and not (gpt or plugins.is_path(cfg.model.name)):
+        raise ConfigError(f"config key model.name: data.dataset=text gives sequences of character ids; "
+                          f"use model.name=gpt (got {cfg.model.name})")
+    if text and cfg.data.partition in ("dirichlet", "two_groups"):
+        raise ConfigError(f"config key data.partition: {cfg.data.partition} splits by class label, which text "
+                          f"has not; use contiguous (or sorted, the same for text) or iid")
     if cfg.model.name in ("resnet20", "resnet18") and cfg.data.dataset in GRAYSCALE:
         raise ConfigError(f"config key model.name: {cfg.model.name} is for colour images (cifar10, cifar100, "
                           f"svhn); set data.dataset to one of them or model.name=mlp|cnn")

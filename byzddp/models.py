@@ -1,5 +1,6 @@
 """Models by name: mlp, cnn (the MNIST network of the paper's official code), cnn_relu (PyTorch's
-MNIST example), resnet20 and resnet18 (CIFAR). docs/models.md tabulates them."""
+MNIST example), resnet20 and resnet18 (CIFAR), gpt (characters, byzddp/gpt.py). docs/models.md
+tabulates them."""
 from __future__ import annotations
 
 import warnings
@@ -201,6 +202,10 @@ def build(cfg, input_shape, classes: int) -> nn.Module:
                 raise ConfigError(f"model.name=resnet18 takes images (C, H, W); this dataset's examples have "
                                   f"shape {tuple(input_shape)}; use mlp")
             return ResNet18(classes, input_shape[0])
+        if name == "gpt":
+            from byzddp.gpt import GPT
+            m = cfg.model
+            return GPT(classes, input_shape[0], m.width, m.depth, m.heads)
     raise ConfigError(f"config key model.name: unknown model '{name}'")
 
 

@@ -492,6 +492,9 @@ def validate(cfg: Config) -> None:
     if text and cfg.data.partition in ("dirichlet", "two_groups"):
         raise ConfigError(f"config key data.partition: {cfg.data.partition} splits by class label, which text "
                           f"has not; use contiguous (or sorted, the same for text) or iid")
+    if text and cfg.attack.name == "backdoor":
+        raise ConfigError("config key attack.name: backdoor stamps a pixel trigger on images; data.dataset=text "
+                          "has none (labelflip works on text: it trains on character V-1-y)")
     if cfg.model.name in ("resnet20", "resnet18") and cfg.data.dataset in GRAYSCALE:
         raise ConfigError(f"config key model.name: {cfg.model.name} is for colour images (cifar10, cifar100, "
                           f"svhn); set data.dataset to one of them or model.name=mlp|cnn")

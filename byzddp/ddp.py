@@ -9,8 +9,10 @@ then the rule) replaces the mean. Two ways through a step:
 
 - bucket by bucket, when everything is coordinate-wise (the rules mean, cm, trimmed_mean, meamed;
   no pre-aggregation, or one that only averages groups drawn from the step's stream; the attacks
-  none, bitflip, alie, ipm, nan, inf, zero): each bucket is gathered as soon as DDP hands it over,
-  overlapping communication with the rest of the backward pass, and aggregated on its own;
+  none, bitflip, alie, ipm, nan, inf, zero): as DDP's ring all-reduce does, each rank owns a
+  slice of every bucket's coordinates, receives every rank's values there (all_to_all), applies
+  the rule to them, and all-gathers the aggregated slices; communication overlaps the backward
+  pass, and the rule's work is split across the ranks;
 - whole vector, otherwise (krum, rfa, cclip, bulyan, nnm, gaussian, ...): each bucket's Future is
   held back until DDP hands over its last bucket; then the whole gradient is assembled in the
   model's parameter order, forged, gathered, aggregated, and every held Future is completed
@@ -19,12 +21,14 @@ then the rule) replaces the mean. Two ways through a step:
   from the last bucket's hook is allowed; the canonical order keeps state (cclip's centre, stale's
   history) meaningful across DDP's re-bucketing after the first iteration.
 
-Every rank gathers every row (an all_gather) and runs the same deterministic pipeline on the
-same bits with the same random streams (keyed by seed and step): the aggregates, so the
-parameters, are identical without a second collective. A rank-0-then-broadcast scheme would pay
-one more latency per step for nothing the determinism does not already give (byzddp's rules are
-bit-reproducible functions of their input: docs/design.md). On mixed hardware, where one device's
-kernels may round differently, check the parameters with `parameter_checksum`.
+Identical parameters on every rank: bucket by bucket, each coordinate is aggregated by one rank
+and all-gathered, so the ranks agree by construction. For whole-vector rules every rank gathers
+every row (an all_gather) and runs the same deterministic pipeline on the same bits with the same
+random streams (keyed by seed and step), so the aggregates agree without a second collective; a
+rank-0-then-broadcast scheme would pay one more latency per step for what the determinism already
+gives (byzddp's rules are bit-reproducible functions of their input: docs/design.md). On mixed
+hardware, where one device's kernels may round differently, compare `parameter_checksum` across
+ranks now and then.
 
 Byzantine ranks forge their row inside the hook with byzddp's attacks (omniscient ones learn the
 honest rows over the same collectives the trainer uses, byzddp/exchange.py). Everything is
@@ -119,7 +123,8 @@ class RobustHook:
                 start += p.numel()
         self.d = start
         self.step = 0
-        # Buckets held back: (buffer, its parameters' (canonical, local, numel), Future, gather or None)
+        # Buckets held back: whole mode (buffer, its parameters' (canonical, local, numel), Future,
+        # gather or None); bucket mode a dict per bucket (its slice's collectives and Future).
         self.held: list = []
 
     @property
@@ -162,25 +167,48 @@ class RobustHook:
         return self._whole(bucket)
 
     def _bucket(self, bucket) -> torch.futures.Future:
+        """Coordinate-wise: rank r aggregates the r-th slice of the bucket's coordinates. An
+        all_to_all brings it every rank's slice r, the rule runs on those (world, slice) rows,
+        and an all_gather returns the aggregated slices: the volume of DDP's ring all-reduce, and
+        1/world of the rule's work on each rank; each coordinate is aggregated once, so the ranks
+        agree by construction. Pipelined: bucket k's slice is aggregated when bucket k+1 comes
+        (its all_to_all ran meanwhile), and the last bucket completes them all."""
         buffer = bucket.buffer()
-        row = buffer.view(1, -1)
-        self._forge(row)
-        rows, work = self._gather(row, async_op=True)
-        last = bucket.is_last()
-
-        def reduce(_):
-            buffer.copy_(self._aggregate(rows))
-            return buffer
-        fut = work.get_future().then(reduce)
-        if last:
-            # Bucket futures complete in order of issue on every backend; the step count moves on
-            # once every bucket's aggregation has read it.
-            fut = fut.then(self._next_step)
+        self._forge(buffer.view(1, -1))
+        size, world = buffer.numel(), self.world
+        chunk = -(-size // world)
+        if chunk * world == size:
+            send = buffer
+        else:      # padded with zeros to equal slices; the padding's aggregate is dropped
+            send = buffer.new_zeros(chunk * world)
+            send[:size] = buffer
+        recv = buffer.new_empty(world * chunk)
+        work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+        fut = torch.futures.Future()
+        for entry in self.held:
+            if "gathered" not in entry:
+                self._reduce_slice(entry)
+        self.held.append({"buffer": buffer, "size": size, "chunk": chunk, "recv": recv, "work": work, "fut": fut})
+        if bucket.is_last():
+            held, self.held = self.held, []
+            for entry in held:
+                if "gathered" not in entry:
+                    self._reduce_slice(entry)
+            for entry in held:
+                entry["gather_work"].wait()
+                entry["buffer"].copy_(entry["gathered"][:entry["size"]])
+                entry["fut"].set_result(entry["buffer"])
+            self.step += 1
         return fut
 
-    def _next_step(self, fut):
-        self.step += 1
-        return fut.value()
+    def _reduce_slice(self, entry: dict) -> None:
+        entry["work"].wait()
+        rows = entry["recv"].view(self.world, entry["chunk"])
+        part = self._aggregate(rows).contiguous()
+        gathered = part.new_empty(self.world * entry["chunk"])
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        entry["gather_work"] = gather(gathered, part, group=self.group, async_op=True)
+        entry["gathered"] = gathered
 
     def _whole(self, bucket) -> torch.futures.Future:
         """Hold the bucket until the last; a coordinate-wise attack forges it and its gather

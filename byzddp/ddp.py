@@ -15,20 +15,21 @@ then the rule) replaces the mean. Two ways through a step:
   pass, and the rule's work is split across the ranks;
 - whole vector, otherwise (krum, rfa, cclip, bulyan, nnm, gaussian, ...): each bucket's Future is
   held back until DDP hands over its last bucket; then the whole gradient is assembled in the
-  model's parameter order, forged, gathered, aggregated, and every held Future is completed
-  (under a coordinate-wise attack, or none, each bucket's gather starts as it comes). DDP
+  model's parameter order, forged, aggregated, and every held Future is completed; the
+  aggregation is sharded as train.exchange=sharded does it (byzddp/sharded.py: each rank a column
+  slice, the Gram matrix from every rank's partials), a plug-in rule that needs whole rows runs
+  on the all-gathered rows. DDP
   waits on all the buckets' Futures only after the backward pass, so completing the earlier ones
   from the last bucket's hook is allowed; the canonical order keeps state (cclip's centre, stale's
   history) meaningful across DDP's re-bucketing after the first iteration.
 
-Identical parameters on every rank: bucket by bucket, each coordinate is aggregated by one rank
-and all-gathered, so the ranks agree by construction. For whole-vector rules every rank gathers
-every row (an all_gather) and runs the same deterministic pipeline on the same bits with the same
-random streams (keyed by seed and step), so the aggregates agree without a second collective; a
-rank-0-then-broadcast scheme would pay one more latency per step for what the determinism already
-gives (byzddp's rules are bit-reproducible functions of their input: docs/design.md). On mixed
-hardware, where one device's kernels may round differently, compare `parameter_checksum` across
-ranks now and then.
+Identical parameters on every rank: each coordinate of the aggregate is computed by one rank and
+all-gathered, so the ranks agree by construction; the quantities that span columns (Krum's
+distances) are summed from the same partials in the same order on every rank. A plug-in rule that
+needs whole rows runs on every rank on the same all-gathered bits with the same random streams
+(keyed by seed and step); byzddp's rules are bit-reproducible functions of their input
+(docs/design.md), so no rank-0 broadcast is needed. On mixed hardware, where one device's kernels
+may round differently, compare `parameter_checksum` across ranks now and then.
 
 Byzantine ranks forge their row inside the hook with byzddp's attacks (omniscient ones learn the
 honest rows over the same collectives the trainer uses, byzddp/exchange.py). Everything is
@@ -46,8 +47,10 @@ import torch.distributed as dist
 from byzddp import aggregators, attacks, config, pipeline, streams
 from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
-from byzddp.errors import ConfigError
+from byzddp.errors import ConfigError, NonFiniteError
 from byzddp.exchange import Exchange
+from byzddp.geometry import Columns, all_finite, grid_width
+from byzddp.sharded import chunk_bounds
 
 __all__ = ["register", "RobustHook", "parameter_checksum"]
 
@@ -123,13 +126,28 @@ class RobustHook:
                 start += p.numel()
         self.d = start
         self.step = 0
-        # Buckets held back: whole mode (buffer, its parameters' (canonical, local, numel), Future,
-        # gather or None); bucket mode a dict per bucket (its slice's collectives and Future).
+        # Whole-vector rules that compute a column slice exactly aggregate sharded (one column
+        # slice per rank, as byzddp.sharded lays them out); the others, and models too small for a
+        # chunk of the column grid per rank, on all the gathered rows.
+        self.columns = None
+        width = grid_width(self.d, device)
+        chunks = -(-self.d // width)
+        if 1 < self.world <= chunks and not self.by_bucket and type(self.pipeline.rule).sharded:
+            bounds = chunk_bounds(chunks, self.world)
+            counts = [b - a for a, b in bounds]
+            self.ranges = [(min(a * width, self.d), min(b * width, self.d)) for a, b in bounds]
+            self.lengths = [b - a for a, b in self.ranges]
+            first, last = bounds[self.rank]
+            self.columns = Columns(self.d, width, first, last,
+                                   gather=lambda mine: self.exchange.all_gather_uneven(mine, counts))
+        # Buckets held back: whole mode (buffer, its parameters' (canonical, local, numel), Future);
+        # bucket mode a dict per bucket (its slice's collectives and Future).
         self.held: list = []
 
     @property
     def mode(self) -> str:
-        return "bucket" if self.by_bucket else "whole"
+        """bucket, whole (sharded by columns) or gathered (whole rows on every rank)."""
+        return "bucket" if self.by_bucket else "whole" if self.columns is not None else "gathered"
 
     # -------------------------------------------------------------------- the pipeline
 
@@ -211,47 +229,55 @@ class RobustHook:
         entry["gathered"] = gathered
 
     def _whole(self, bucket) -> torch.futures.Future:
-        """Hold the bucket until the last; a coordinate-wise attack forges it and its gather
-        starts at once (overlapping the rest of the backward pass), a whole-vector attack waits
-        for the whole gradient."""
+        """Hold the bucket until the last; then the whole gradient in the model's parameter
+        order is forged, aggregated, and written back into every held bucket."""
         buffer = bucket.buffer()
         pieces, local = [], 0
         for p in bucket.parameters():
             pieces.append((self.offsets[p.data_ptr()], local, p.numel()))
             local += p.numel()
         fut = torch.futures.Future()
-        early = self.cfg.attack.name in COORDINATE_ATTACKS
-        gathered = None
-        if early:
-            row = buffer.view(1, -1)
-            self._forge(row)
-            gathered = self._gather(row, async_op=True)
-        self.held.append((buffer, pieces, fut, gathered))
+        self.held.append((buffer, pieces, fut))
         if not bucket.is_last():
             return fut
         held, self.held = self.held, []
-        if early:
-            rows = buffer.new_empty(self.world, self.d)
-            for _, pieces, _, (part, work) in held:
-                work.wait()
-                for canonical, at, numel in pieces:
-                    rows[:, canonical:canonical + numel].copy_(part[:, at:at + numel])
+        whole = buffer.new_empty(1, self.d)
+        for buf, pieces, _ in held:
+            for canonical, at, numel in pieces:
+                whole[0, canonical:canonical + numel].copy_(buf[at:at + numel])
+        self._forge(whole)
+        if self.columns is not None:
+            update = self._aggregate_sharded(whole)
         else:
-            whole = buffer.new_empty(1, self.d)
-            for buf, pieces, _, _ in held:
-                for canonical, at, numel in pieces:
-                    whole[0, canonical:canonical + numel].copy_(buf[at:at + numel])
-            self._forge(whole)
             rows, _ = self._gather(whole, async_op=False)
-        update = self._aggregate(rows)
+            update = self._aggregate(rows)
         if self.attack.needs_previous:
             self.previous = update.clone()
-        for buf, pieces, f, _ in held:
+        for buf, pieces, f in held:
             for canonical, at, numel in pieces:
                 buf[at:at + numel].copy_(update[canonical:canonical + numel])
             f.set_result(buf)
         self.step += 1
         return fut
+
+    def _aggregate_sharded(self, whole: torch.Tensor) -> torch.Tensor:
+        """The pipeline as train.exchange=sharded runs it (byzddp/sharded.py): rank r gets column
+        slice r of every row (all_to_all), what spans columns (Gram matrices, norms) is summed
+        from every rank's per-chunk partials, and the update slices are all-gathered. The same
+        bits as on the whole rows, 1/world of the work on each rank."""
+        p, seed = self.pipeline, self.cfg.seed
+        mine = self.exchange.all_to_all_columns(whole, self.ranges)
+        outputs, _ = p.pre(mine, streams.generator("resampling", seed, self.step), self.columns)
+        inputs = {}
+        if p.rule.draws:
+            inputs["generator"] = streams.generator("aggregator", seed, self.step)
+        part = p.rule.aggregate(outputs, self.columns, **inputs)
+        update = self.exchange.all_gather_uneven(part, self.lengths)
+        finite = all_finite(update)
+        p.rule.settle(finite)
+        if not bool(finite):
+            raise NonFiniteError(p.rule._non_finite_message(outputs.shape[0]))
+        return update
 
 
 def robust_hook(state, bucket):
@@ -314,6 +340,9 @@ def register(ddp_model, rule: str = "cm", f: Optional[int] = None, byzantine_ran
                         f"{', '.join(cls.params) or 'none'}")
     cfg = _config(world, rule, f, byzantine, attack, pre, s, seed, allow_unsafe, dict(rule_args),
                   dict(attack_args or {}), pre_tau)
+    if aggregators.rule_class(rule).trusted_root:
+        _refuse(f"rule {rule} needs the server's own root-set gradient, which a DDP job has not; choose "
+                f"another rule")
     hook = RobustHook(ddp_model, cfg, byzantine)
     ddp_model.register_comm_hook(hook, robust_hook)
     return hook

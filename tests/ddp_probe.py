@@ -23,9 +23,9 @@ from byzddp.errors import ConfigError  # noqa: E402
 class Net(nn.Module):
     """Two layers, and a branch that only some steps use (find_unused_parameters)."""
 
-    def __init__(self):
+    def __init__(self, hidden=256):
         super().__init__()
-        self.fc1, self.fc2, self.side = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 4)
+        self.fc1, self.fc2, self.side = nn.Linear(8, hidden), nn.Linear(hidden, 4), nn.Linear(hidden, 4)
 
     def forward(self, x, use_side=False):
         h = torch.tanh(self.fc1(x))
@@ -102,8 +102,8 @@ def by_hand(case, rows, step):
 def run(case):
     rank = dist.get_rank()
     torch.manual_seed(0)
-    net = Net()
-    model = DDP(net, bucket_cap_mb=case.get("bucket_mb", 0.0004), find_unused_parameters=case.get("unused", False))
+    net = Net(case.get("hidden", 256))
+    model = DDP(net, bucket_cap_mb=case.get("bucket_mb", 0.004), find_unused_parameters=case.get("unused", False))
     kwargs = {k: case[k] for k in ("rule", "f", "byzantine_ranks", "attack", "attack_args", "pre", "s",
                                    "allow_unsafe") if k in case}
     hook = robust.register(model, **kwargs, **case.get("rule_args", {})) if case.get("register", True) else None

@@ -50,6 +50,8 @@ def test_two_ranks_mean_is_ddp_and_rules_match_by_hand(tmp_path):
         "cm": {"rule": "cm"},
         # krum's guarantee needs 3 ranks; on 2 it still must run exactly and agree across ranks
         "krum": {"rule": "krum", "allow_unsafe": True, "accum": 3, "unused": True},
+        # too small for a column chunk per rank: the whole rows on every rank
+        "krum_small": {"rule": "krum", "allow_unsafe": True, "hidden": 16, "bucket_mb": 0.0004},
         "cclip": {"rule": "cclip", "rule_args": {"tau": 0.05}},
     }
     refusals = {
@@ -68,6 +70,7 @@ def test_two_ranks_mean_is_ddp_and_rules_match_by_hand(tmp_path):
     check_case(r["mean"], "bucket")
     check_case(r["cm"], "bucket")
     check_case(r["krum"], "whole")
+    check_case(r["krum_small"], "gathered")
     check_case(r["cclip"], "whole", tol=1e-5)
     m = got["refusals"]
     for name, line in m.items():

@@ -60,6 +60,9 @@ COORDINATE_RULES = ("mean", "cm", "trimmed_mean", "meamed")
 COORDINATE_PRE = ("none", "s_replacement", "bucketing", "with_replacement", "fixed_groups")
 COORDINATE_ATTACKS = ("none", "bitflip", "alie", "ipm", "nan", "inf", "zero")
 
+# torch 2.14 renamed all_gather_into_tensor (as byzddp/exchange.py, use the new name where it exists).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 # Config keys as they appear in byzddp's messages -> the register arguments that set them.
 _ARGUMENTS = [("aggregator.allow_unsafe=true", "allow_unsafe=True"), ("aggregator.args", "rule_args"),
               ("aggregator.name", "rule"), ("workers.byzantine", "f"), ("attack.count", "byzantine_ranks"),
@@ -100,8 +103,9 @@ def _config(world: int, rule: str, f: int, byzantine: Sequence[int], attack: str
 
 
 class RobustHook:
-    """The hook's state: the pipeline, the attack, the step counter, and the buckets held back
-    until the last one (whole-vector mode). DDP calls robust_hook(state=this, bucket)."""
+    """The hook's state: the pipeline, the attack, the step counter (the synchronised steps, which
+    key the random streams), and the buckets held back until the last one. DDP calls
+    robust_hook(state=this, bucket); `mode` says which path a step takes."""
 
     def __init__(self, model, cfg, byzantine: List[int]):
         self.model, self.cfg = model, cfg
@@ -112,7 +116,7 @@ class RobustHook:
         self.attack = attacks.from_config(cfg)
         self.attack_pipeline = pipeline.build(cfg) if self.attack.needs_pipeline else None
         self.previous: Optional[torch.Tensor] = None
-        device = next(model.parameters()).device
+        device = self.device = next(model.parameters()).device
         self.exchange = Exchange(Topology(self.rank, self.world, self.rank, device,
                                           dist.get_backend(self.group), self.world))
         rule, pre, attack = cfg.aggregator.name, cfg.resampling.name, cfg.attack.name
@@ -144,6 +148,7 @@ class RobustHook:
         # bucket mode a dict per bucket (its slice's collectives and Future).
         self.held: list = []
 
+
     @property
     def mode(self) -> str:
         """bucket, whole (sharded by columns) or gathered (whole rows on every rank)."""
@@ -173,11 +178,17 @@ class RobustHook:
 
     def _gather(self, row: torch.Tensor, async_op: bool):
         rows = torch.empty(self.world, row.shape[1], dtype=row.dtype, device=row.device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        work = gather(rows, row, group=self.group, async_op=async_op)
+        work = _all_gather_single(rows, row, group=self.group, async_op=async_op)
         return rows, work
 
     # -------------------------------------------------------------------- the hook
+
+    def _future(self) -> torch.futures.Future:
+        """A Future for a bucket's aggregate; on a GPU told its device, so that DDP's read of the
+        value waits for the kernels that wrote it."""
+        if self.device.type == "cuda":
+            return torch.futures.Future(devices=[self.device])
+        return torch.futures.Future()
 
     def __call__(self, bucket):
         if self.by_bucket:
@@ -190,7 +201,9 @@ class RobustHook:
         and an all_gather returns the aggregated slices: the volume of DDP's ring all-reduce, and
         1/world of the rule's work on each rank; each coordinate is aggregated once, so the ranks
         agree by construction. Pipelined: bucket k's slice is aggregated when bucket k+1 comes
-        (its all_to_all ran meanwhile), and the last bucket completes them all."""
+        (its all_to_all ran meanwhile), and the last bucket completes them all. (Cutting buckets
+        into smaller pieces to overlap the last one's rule with its communication measured
+        slower on gloo: every collective has its own fixed cost.)"""
         buffer = bucket.buffer()
         self._forge(buffer.view(1, -1))
         size, world = buffer.numel(), self.world
@@ -202,20 +215,19 @@ class RobustHook:
             send[:size] = buffer
         recv = buffer.new_empty(world * chunk)
         work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
-        fut = torch.futures.Future()
+        fut = self._future()
         for entry in self.held:
             if "gathered" not in entry:
                 self._reduce_slice(entry)
-        self.held.append({"buffer": buffer, "size": size, "chunk": chunk, "recv": recv, "work": work, "fut": fut})
+        self.held.append({"size": size, "chunk": chunk, "recv": recv, "work": work, "fut": fut})
         if bucket.is_last():
             held, self.held = self.held, []
             for entry in held:
                 if "gathered" not in entry:
                     self._reduce_slice(entry)
-            for entry in held:
+            for entry in held:     # DDP copies a bucket's result into the gradients itself
                 entry["gather_work"].wait()
-                entry["buffer"].copy_(entry["gathered"][:entry["size"]])
-                entry["fut"].set_result(entry["buffer"])
+                entry["fut"].set_result(entry["gathered"][:entry["size"]])
             self.step += 1
         return fut
 
@@ -224,8 +236,7 @@ class RobustHook:
         rows = entry["recv"].view(self.world, entry["chunk"])
         part = self._aggregate(rows).contiguous()
         gathered = part.new_empty(self.world * entry["chunk"])
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        entry["gather_work"] = gather(gathered, part, group=self.group, async_op=True)
+        entry["gather_work"] = _all_gather_single(gathered, part, group=self.group, async_op=True)
         entry["gathered"] = gathered
 
     def _whole(self, bucket) -> torch.futures.Future:
@@ -236,7 +247,7 @@ class RobustHook:
         for p in bucket.parameters():
             pieces.append((self.offsets[p.data_ptr()], local, p.numel()))
             local += p.numel()
-        fut = torch.futures.Future()
+        fut = self._future()
         self.held.append((buffer, pieces, fut))
         if not bucket.is_last():
             return fut

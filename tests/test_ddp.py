@@ -97,3 +97,22 @@ def test_three_ranks_byzantine_rank_forges_in_the_hook(tmp_path):
     check_case(r["cm_alie"], "bucket", tol=1e-5)
     check_case(r["krum_ipm"], "whole")
     check_case(r["krum_gaussian"], "whole")
+
+
+def _example(args, nproc=2):
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "examples" / "ddp_robust.py"), *args], cwd=ROOT,
+                              env={**env(), "PYTHONPATH": str(ROOT), "RANK": str(r), "WORLD_SIZE": str(nproc),
+                                   "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(nproc)]
+    out = [p.communicate(timeout=300) for p in procs]
+    return [p.returncode for p in procs], out[0][0], out[0][1]
+
+
+def test_the_example_script_runs_and_refuses_in_one_line():
+    codes, stdout, _ = _example(["--steps", "3"])
+    assert codes == [0, 0] and "parameters identical on all 2 ranks: True" in stdout, stdout
+    codes, _, stderr = _example(["--rule", "krum", "--steps", "3"])
+    assert codes == [2, 2]
+    line = [s for s in stderr.splitlines() if "byzddp.ddp.register" in s]
+    assert len(line) == 1 and "2f'+3 <= m" in line[0] and "Traceback" not in stderr, stderr

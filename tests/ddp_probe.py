@@ -79,6 +79,15 @@ def by_hand(case, rows, step):
             rows[b] = (-args.get("epsilon", 0.1) * rows[honest].double().mean(0)).float()
         elif attack == "gaussian":
             rows[b] = torch.randn(rows.shape[1], generator=streams.generator("gaussian", 0, b, step)) * args["sigma"]
+    pre, n = case.get("pre", "none"), rows.shape[0]
+    if pre == "bucketing":      # a permutation keyed by (seed, step), cut into groups of s, averaged
+        perm = torch.randperm(n, generator=streams.generator("resampling", 0, step))
+        rows = torch.stack([rows[perm[i:i + case["s"]]].mean(0) for i in range(0, n, case["s"])])
+    elif pre == "nnm":          # each row the mean of its n-f nearest rows (itself included)
+        x = rows.double()
+        near = [sorted(range(n), key=lambda j: (float(((x[i] - x[j]) ** 2).sum()), j))[:n - case["f"]]
+                for i in range(n)]
+        rows = torch.stack([rows[idx].mean(0) for idx in near])
     rule = case.get("rule", "mean")
     if rule == "mean":
         return rows.mean(0)

@@ -91,12 +91,17 @@ def test_three_ranks_byzantine_rank_forges_in_the_hook(tmp_path):
                      "unused": True},
         "krum_gaussian": {"rule": "krum", "byzantine_ranks": [2], "f": 0, "attack": "gaussian",
                           "attack_args": {"sigma": 3.0}, "allow_unsafe": True},
+        "mean_bucketing": {"rule": "mean", "f": 1, "byzantine_ranks": [2], "attack": "bitflip", "pre": "bucketing",
+                           "s": 2},
+        "cm_nnm": {"rule": "cm", "f": 1, "byzantine_ranks": [0], "attack": "bitflip", "pre": "nnm"},
     }
     r = probe(tmp_path, 3, {"cases": cases})["results"]
     check_case(r["cm_bitflip"], "bucket")
     check_case(r["cm_alie"], "bucket", tol=1e-5)
     check_case(r["krum_ipm"], "whole")
     check_case(r["krum_gaussian"], "whole")
+    check_case(r["mean_bucketing"], "bucket")
+    check_case(r["cm_nnm"], "whole", tol=1e-5)
 
 
 def _example(args, nproc=2):

@@ -351,6 +351,10 @@ def register(ddp_model, rule: str = "cm", f: Optional[int] = None, byzantine_ran
                         f"{', '.join(cls.params) or 'none'}")
     cfg = _config(world, rule, f, byzantine, attack, pre, s, seed, allow_unsafe, dict(rule_args),
                   dict(attack_args or {}), pre_tau)
+    designated = rule_args.get("designated", 0)
+    if "designated" in aggregators.rule_class(rule).params and designated in byzantine:
+        _refuse(f"rule {rule} trusts rank designated={designated}, which is in byzantine_ranks; designate an "
+                f"honest rank")
     if aggregators.rule_class(rule).trusted_root:
         _refuse(f"rule {rule} needs the server's own root-set gradient, which a DDP job has not; choose "
                 f"another rule")

@@ -60,6 +60,8 @@ def test_two_ranks_mean_is_ddp_and_rules_match_by_hand(tmp_path):
         "arg": {"rule": "cm", "T": 3},
         "f": {"rule": "cm", "f": 1},
         "no_attack": {"byzantine_ranks": [1]},
+        "monna": {"rule": "monna", "f": 0, "byzantine_ranks": [0], "attack": "bitflip", "allow_unsafe": True},
+        "fltrust": {"rule": "fltrust"},
     }
     got = probe(tmp_path, 2, {"cases": cases, "refusals": refusals})
     r = got["results"]
@@ -80,6 +82,7 @@ def test_two_ranks_mean_is_ddp_and_rules_match_by_hand(tmp_path):
     assert "'T'" in m["arg"]
     assert "argument f" in m["f"]
     assert "attack=" in m["no_attack"]
+    assert "designated=0" in m["monna"] and "fltrust" in m["fltrust"]
 
 
 def test_three_ranks_byzantine_rank_forges_in_the_hook(tmp_path):

@@ -126,3 +126,16 @@ def test_refusals(overrides, key):
     with pytest.raises(ConfigError) as e:
         config.load(None, overrides)
     assert str(e.value).startswith(f"config key {key}") and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_text_run_is_the_same_model_on_one_and_two_ranks(corpus, tmp_path):
+    from helpers import summary, train
+    common = [*SMALL, f"data.root={corpus}", "train.steps=3", "train.eval_every=3", "attack.name=alie",
+              "resampling.name=bucketing", "workers.n=5", "data.partition=contiguous"]
+    train([*common, f"log.dir={tmp_path / 'one'}", "log.name=r"])
+    train([*common, f"log.dir={tmp_path / 'two'}", "log.name=r"], nproc=2)
+    one, two = summary(tmp_path / "one" / "r"), summary(tmp_path / "two" / "r")
+    assert one["model_sha256"] == two["model_sha256"]
+    assert 0 <= one["final_test_accuracy"] <= 1

@@ -26,16 +26,19 @@ from byzddp.yamlio import YAMLExpansionError, read_yaml, _DuplicateKey  # noqa: 
 @dataclass
 class DataConfig:
     dataset: str = "mnist5k"        # mnist5k | mnist | fashionmnist | emnist | cifar10 | cifar100 | svhn
+                                    # | text (the characters of the UTF-8 file or folder data.root)
                                     # | package.module:loader (docs/extending.md)
     args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in loader (besides root)
     classes: Optional[int] = None   # plug-in loader: number of classes (default: inferred from the labels)
-    partition: str = "sorted"       # iid | sorted | dirichlet | two_groups
+    partition: str = "sorted"       # iid | sorted | dirichlet | two_groups | contiguous (the dataset's own
+                                    # order cut in spans; for text, sorted means contiguous)
     alpha: float = 1.0              # dirichlet concentration
     root: str = "data"              # where torchvision datasets live
     download: bool = True           # torchvision datasets: download when missing
     test_size: int = 1000           # mnist5k: digits held out as the test set (split=balanced)
     split: str = "balanced"         # mnist5k: balanced (test_size/10 per class) | official (the official code's files)
     sampling: str = "stream"        # stream: endless per-worker permutations | epoch: the official loaders' epochs
+    block_size: int = 64            # text: characters per sequence (the gpt's context length)
     byzantine_data: str = "all"     # all: Byzantine workers sample the whole training set (paper);
                                     # own: a shard each (needs attack.rotate=true)
 
@@ -43,8 +46,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"               # mlp | cnn (the official code's) | cnn_relu | resnet20 | resnet18
+                                    # | gpt (a causal transformer, for data.dataset=text)
                                     # | package.module:factory (docs/extending.md)
     hidden: List[int] = field(default_factory=lambda: [200])  # mlp hidden sizes
+    width: int = 128                # gpt: embedding width (a multiple of model.heads)
+    depth: int = 2                  # gpt: transformer blocks
+    heads: int = 4                  # gpt: attention heads per block
     args: Dict[str, Any] = field(default_factory=dict)  # keywords for a plug-in factory
 
 

@@ -14,7 +14,7 @@ import torch
 
 from byzddp import plugins, streams
 from byzddp.datasets import (Dataset, load_cifar10, load_cifar100, load_emnist, load_fashionmnist, load_mnist,
-                             load_mnist5k, load_svhn)
+                             load_mnist5k, load_svhn, load_text)
 from byzddp.errors import ConfigError
 
 
@@ -42,13 +42,17 @@ def check(ds: Dataset, source: str) -> None:
         if len(x) != len(y) or len(y) == 0:
             raise ConfigError(f"config key data.dataset: {source} has {len(x)} {split} examples but {len(y)} "
                               f"labels; {fix} so that they match")
-        if not x.is_floating_point() or y.dtype != torch.long or y.dim() != 1:
+        sequences = x.dtype == torch.long and y.shape == x.shape     # text: token ids, next tokens
+        if not (x.is_floating_point() or sequences) or y.dtype != torch.long or (y.dim() != 1 and not sequences):
             raise ConfigError(f"config key data.dataset: {source} {split} set must be float examples and "
                               f"int64 labels (N,); got {x.dtype} and {y.dtype} {tuple(y.shape)}; {fix}")
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= ds.num_classes:
-            raise ConfigError(f"config key data.dataset: {source} has {split} labels in [{low}, {high}], "
-                              f"outside 0..{ds.num_classes - 1}; {fix}")
+        for what, t in (("labels", y), ("tokens", x)) if sequences else (("labels", y),):
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or high >= ds.num_classes:
+                raise ConfigError(f"config key data.dataset: {source} has {split} {what} in [{low}, {high}], "
+                                  f"outside 0..{ds.num_classes - 1}; {fix}")
+        if sequences:
+            continue
         finite = torch.isfinite(x.reshape(len(x), -1)).all(1)
         if not bool(finite.all()):
             first = int((~finite).nonzero()[0, 0])
@@ -131,7 +135,8 @@ plugins.register(
      "emnist": lambda d: load_emnist(d.root, d.download),
      "cifar10": lambda d: load_cifar10(d.root, d.download),
      "cifar100": lambda d: load_cifar100(d.root, d.download),
-     "svhn": lambda d: load_svhn(d.root, d.download)},
+     "svhn": lambda d: load_svhn(d.root, d.download),
+     "text": lambda d: load_text(d.root, d.block_size)},
     "a callable returning (train, test)", callable)
 
 
@@ -142,7 +147,8 @@ def partition(labels: torch.Tensor, shards: int, kind: str, seed: int, alpha: fl
     """Cut the training indices into `shards` index tensors.
 
     iid: a seeded permutation cut into equal parts. sorted: the paper's non-iid split, indices
-    sorted by label (stable) and cut sequentially into equal parts. dirichlet: per class,
+    sorted by label (stable) and cut sequentially into equal parts; for sequences (text, whose
+    labels are (N, T)) the same as contiguous: the dataset's own order cut into equal spans. dirichlet: per class,
     shares drawn from Dir(alpha). two_groups: mimic2's setting, the sorted set cut in two halves;
     the first ceil(shards/2) shards all hold the first half, the rest the second half.
     """
@@ -152,6 +158,12 @@ def partition(labels: torch.Tensor, shards: int, kind: str, seed: int, alpha: fl
     if kind == "iid":
         order = torch.randperm(n, generator=streams.generator("partition-iid", seed))
         return [part.clone() for part in torch.tensor_split(order, shards)]
+    if kind == "contiguous" or (kind == "sorted" and labels.dim() > 1):
+        # Sequences (text): the corpus order is the non-iid axis, each worker a span of it.
+        return [part.clone() for part in torch.tensor_split(torch.arange(n), shards)]
+    if labels.dim() > 1:
+        raise ConfigError(f"config key data.partition: {kind} splits by class label, which sequences have "
+                          f"not; use contiguous or iid")
     if kind == "sorted":
         order = torch.sort(labels.cpu(), stable=True).indices
         return [part.clone() for part in torch.tensor_split(order, shards)]

@@ -36,6 +36,56 @@ class Dataset:
                        self.test_y.to(device), self.num_classes, self.augment)
 
 
+TEXT_TEST_SHARE = 0.1   # text: the last tenth of the characters is the test set (as nanoGPT's)
+TEXT_SUFFIXES = (".txt", ".md")     # text: the files of a folder that are read
+
+
+def load_text(root: str, block_size: int) -> Dataset:
+    """data.dataset=text: the characters of the UTF-8 file data.root, or of every .txt and .md file
+    under the folder data.root (in path order, concatenated). The vocabulary is the corpus's sorted
+    characters (num_classes of them). The first 90% of the characters train, the last 10% test;
+    each is cut into sequences of block_size characters, x the sequence and y the next character
+    at every position: train_x, train_y (N, T) int64, in corpus order (so that the partitions
+    contiguous and sorted give each worker its own span of the corpus)."""
+    path = Path(root)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ConfigError(f"config key data.root: the folder {root} holds no {' or '.join(TEXT_SUFFIXES)} "
+                              f"files; data.dataset=text reads those (or give one file)")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ConfigError(f"config key data.root: {root} is neither a file nor a folder; data.dataset=text "
+                          f"reads the UTF-8 text at data.root")
+    parts = []
+    for f in files:
+        try:
+            parts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config key data.root: {f} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              f"data.dataset=text reads UTF-8 files only") from None
+    text = "".join(parts)
+    vocab = sorted(set(text))
+    cut = int(len(text) * (1 - TEXT_TEST_SHARE))
+    need = 10 * (block_size + 1)
+    if cut < block_size + 1 or len(text) - cut < block_size + 1:
+        raise ConfigError(f"config key data.block_size: the corpus at {root} has {len(text)} characters, too few "
+                          f"for sequences of {block_size} in both its train (90%) and test (10%) parts; give "
+                          f"at least {need} characters or lower data.block_size")
+    lookup = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
+
+    def sequences(span: torch.Tensor):
+        count = (len(span) - 1) // block_size
+        x = span[:count * block_size].view(count, block_size)
+        y = span[1:count * block_size + 1].view(count, block_size)
+        return x.clone(), y.clone()
+    train_x, train_y = sequences(ids[:cut])
+    test_x, test_y = sequences(ids[cut:])
+    return Dataset(train_x, train_y, test_x, test_y, len(vocab))
+
+
 OFFICIAL_TRAIN = 4000        # split=official: the first 4,000 of the permutation train
 OFFICIAL_EVAL_BATCH = 128    # the official evaluator's batch; it drops the last partial batch
 

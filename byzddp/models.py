@@ -1,5 +1,6 @@
 """Models by name: mlp, cnn (the MNIST network of the paper's official code), cnn_relu (PyTorch's
-MNIST example), resnet20 and resnet18 (CIFAR). docs/models.md tabulates them."""
+MNIST example), resnet20 and resnet18 (CIFAR), gpt (characters, byzddp/gpt.py). docs/models.md
+tabulates them."""
 from __future__ import annotations
 
 import warnings
@@ -187,12 +188,18 @@ def _resnet18(cfg, input_shape, classes):
     return ResNet18(classes, input_shape[0])
 
 
+def _gpt(cfg, input_shape, classes):
+    from byzddp.gpt import GPT
+    m = cfg.model
+    return GPT(classes, input_shape[0], m.width, m.depth, m.heads)
+
+
 # The built-in models, each a builder (cfg, input_shape, classes) -> nn.Module; a plug-in is a
 # factory(input_shape=..., classes=..., **model.args).
 plugins.register(
     "model.name", "model", "factory",
     {"mlp": _mlp, "cnn": _mnist_cnn(MnistCNN), "cnn_relu": _mnist_cnn(MnistCNNReLU),
-     "resnet20": lambda cfg, input_shape, classes: ResNet20(classes), "resnet18": _resnet18},
+     "resnet20": lambda cfg, input_shape, classes: ResNet20(classes), "resnet18": _resnet18, "gpt": _gpt},
     "a callable that returns an nn.Module",
     lambda obj: callable(obj) and not (isinstance(obj, type) and not issubclass(obj, nn.Module)))
 

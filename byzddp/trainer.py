@@ -210,7 +210,7 @@ class Trainer:
             logits = self.model(x[start:end])
             sums[0] += (logits.argmax(1) == y[start:end]).sum()
             sums[1] += F.cross_entropy(logits, y[start:end], reduction="sum").double()
-            sums[2] += end - start
+            sums[2] += y[start:end].numel()     # examples; tokens for sequences (text)
             if self.trigger is not None:
                 sums[3:] += self.trigger.hits(self.model, x[start:end], y[start:end])
         self.exchange.all_reduce_sum(sums)

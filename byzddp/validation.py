@@ -13,10 +13,10 @@ from byzddp.errors import ConfigError
 NAME_MAX = 255     # bytes in one file name (Linux, macOS); a smaller file system says so when made
 
 
-DATASETS = ("mnist5k", "mnist", "fashionmnist", "emnist", "cifar10", "cifar100", "svhn")
+DATASETS = ("mnist5k", "mnist", "fashionmnist", "emnist", "cifar10", "cifar100", "svhn", "text")
 GRAYSCALE = ("mnist5k", "mnist", "fashionmnist", "emnist")   # 1x28x28 images
-PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups")
-MODELS = ("mlp", "cnn", "cnn_relu", "resnet20", "resnet18")
+PARTITIONS = ("iid", "sorted", "dirichlet", "two_groups", "contiguous")
+MODELS = ("mlp", "cnn", "cnn_relu", "resnet20", "resnet18", "gpt")
 
 
 ALPHA_MIN = 1.1754943508222875e-38   # the smallest normal float32: the Dirichlet draw's precision
@@ -118,9 +118,10 @@ def validate(cfg) -> None:
         raise ConfigError(f"config key data.test_size: {cfg.data.test_size} must be a multiple of 10 "
                           f"between 10 and 4990")
     if cfg.data.dataset == "mnist5k" and cfg.data.split == "official" and cfg.data.test_size != 1000:
-        raise ConfigError(f"config key data.test_size: data.split=official fixes the test set (the last "
-                          f"1,000 digits); leave data.test_size at 1000")
+        raise ConfigError("config key data.test_size: data.split=official fixes the test set (the last "
+                          "1,000 digits); leave data.test_size at 1000")
     _name("log.name", cfg.log.name)
+    _text_task(cfg)
     if cfg.model.name in ("resnet20", "resnet18") and cfg.data.dataset in GRAYSCALE:
         raise ConfigError(f"config key model.name: {cfg.model.name} is for colour images (cifar10, cifar100, "
                           f"svhn); set data.dataset to one of them or model.name=mlp|cnn")
@@ -137,3 +138,26 @@ def validate(cfg) -> None:
     if t.resume not in ("off", "auto", "fresh") and not Path(t.resume).is_file():
         raise ConfigError(f"config key train.resume: {t.resume} does not exist; use off, auto, fresh or a "
                           f"checkpoint path")
+
+
+def _text_task(cfg) -> None:
+    """data.dataset=text and model.name=gpt go together (a plug-in model may read text too)."""
+    for key in ("width", "depth", "heads"):
+        _positive(f"model.{key}", getattr(cfg.model, key))
+    _positive("data.block_size", cfg.data.block_size)
+    if cfg.model.width % cfg.model.heads:
+        raise ConfigError(f"config key model.width: {cfg.model.width} is not a multiple of model.heads="
+                          f"{cfg.model.heads} (each head takes width/heads); change one of them")
+    text, gpt = cfg.data.dataset == "text", cfg.model.name == "gpt"
+    if gpt and not text:
+        raise ConfigError(f"config key model.name: gpt reads character sequences; set data.dataset=text "
+                          f"(got {cfg.data.dataset})")
+    if text and not (gpt or plugins.is_path(cfg.model.name)):
+        raise ConfigError(f"config key model.name: data.dataset=text gives sequences of character ids; "
+                          f"use model.name=gpt (got {cfg.model.name})")
+    if text and cfg.data.partition in ("dirichlet", "two_groups"):
+        raise ConfigError(f"config key data.partition: {cfg.data.partition} splits by class label, which text "
+                          f"has not; use contiguous (or sorted, the same for text) or iid")
+    if text and cfg.attack.name == "backdoor":
+        raise ConfigError("config key attack.name: backdoor stamps a pixel trigger on images; data.dataset=text "
+                          "has none (labelflip works on text: it trains on character V-1-y)")

@@ -11,11 +11,11 @@ from byzddp.trainer import Trainer
 from helpers import ROOT, TINY
 
 SHAPES = {"mlp": (1, 28, 28), "cnn": (1, 28, 28), "cnn_relu": (1, 28, 28), "resnet20": (3, 32, 32),
-          "resnet18": (3, 32, 32)}
+          "resnet18": (3, 32, 32), "gpt": (64,)}
 
 
 def build(name, classes=10):
-    extra = ["data.dataset=cifar10"] if name.startswith("resnet") else []
+    extra = ["data.dataset=cifar10"] if name.startswith("resnet") else ["data.dataset=text"] if name == "gpt" else []
     return models.build(config.load(None, [f"model.name={name}", *extra]), SHAPES[name], classes)
 
 

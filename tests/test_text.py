@@ -108,11 +108,11 @@ def test_evaluation_counts_tokens(corpus):
 def test_vectorized_workers_match_the_loop(corpus):
     vec = _trainer(corpus, "workers.chunk=4", "attack.name=labelflip")
     loop = _trainer(corpus, "workers.vectorize=false", "attack.name=labelflip")
-    assert vec.vectorized is not None and loop.vectorized is None
+    assert vec.client.vectorized is not None and loop.client.vectorized is None
     for t in (vec, loop):
-        t.worker_rows(0, [3])
-    assert torch.allclose(vec.rows, loop.rows, rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(vec.rows[3], torch.zeros_like(vec.rows[3]))
+        t.client.compute_rows(0, [3])
+    assert torch.allclose(vec.client.rows, loop.client.rows, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(vec.client.rows[3], torch.zeros_like(vec.client.rows[3]))
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -136,7 +136,7 @@ CASES = {
                                ["config key model.name: 'mpl' is not one of mlp, cnn", "package.module:factory"]),
     "unknown-built-in-rule": (["aggregator.name=median"], None,
                               ["config key aggregator.name: 'median' is not one of mean, krum"]),
-    "unknown-built-in-attack": (["attack.name=alei"], None, ["config key attack.name: 'alei' is not one of alie"]),
+    "unknown-built-in-attack": (["attack.name=alei"], None, ["config key attack.name: 'alei' is not one of adaptive, alie"]),
     "unknown-built-in-dataset": (["data.dataset=mnist4k"], None,
                                  ["config key data.dataset: 'mnist4k' is not one of mnist5k, mnist"]),
     "built-in-rule-args": (["aggregator.name=cm", "aggregator.args.x=1"], None,

@@ -370,7 +370,7 @@ def test_sweep_tables_put_the_attack_success_rate_beside_accuracy_worst_is_highe
         (run_dir / "summary.json").write_text(json.dumps(s))
     report = sweep.write_report(sw)
     md = report["markdown"].read_text()
-    block = md.split("## final_attack_success_rate")[1]
+    block = md.split("## final_attack_success_rate")[1].split("## Paired differences")[0]
     assert "## final_test_accuracy" in md.split("## final_attack_success_rate")[0]
     lines = [[c.strip() for c in x.strip("|").split("|")] for x in block.splitlines() if x.startswith("| ")]
     assert lines[0] == ["rule", "none", "bitflip", "labelflip", "worst case"]

@@ -59,9 +59,9 @@ __all__ = ["ATTACKS", "Attack", "AttackContext", "alie_z", "attack_class", "buil
            "from_config", "honest_mean", "honest_std", "line_search", "policy", "real_f", "search_gamma",
            "validate"]
 
-ATTACKS: Dict[str, Type[Attack]] = {cls.name: cls for cls in (
+ATTACKS: Dict[str, Type[Attack]] = dict(sorted({cls.name: cls for cls in (
     Attack, BitFlip, LabelFlip, Gaussian, NormalizedMean, Mimic, Mimic2, ALIE, IPM, MinMax, MinSum,
-    NaN, Inf, Zero, Stale, Fang, OptimalALIE, OptimalIPM, ROP, Backdoor, Adaptive)}
+    NaN, Inf, Zero, Stale, Fang, OptimalALIE, OptimalIPM, ROP, Backdoor, Adaptive)}.items()))
 
 
 def real_f(cfg) -> int:
@@ -95,7 +95,7 @@ def policy(cfg) -> str:
     return "rotating" if cfg.attack.rotate else "last_f"
 
 
-plugins.register("attack.name", "attack", "Attack", dict(sorted(ATTACKS.items())),
+plugins.register("attack.name", "attack", "Attack", ATTACKS,
                  "a subclass of byzddp.attacks.Attack", lambda obj: isinstance(obj, type) and issubclass(obj, Attack),
                  "set attack.<param> instead")
 

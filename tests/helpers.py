@@ -45,17 +45,24 @@ def probe_ranks(spec: dict, out: Path, nproc: int) -> dict:
     """tests/attack_probe.py on `nproc` ranks started as torchrun starts them (its environment
     variables), without the launcher process: one import of torch less per launch on a busy
     machine. Returns the probe's results (saved by rank 0 to `out`)."""
-    import torch
     spec_file = Path(out).with_suffix(".json")
     spec_file.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(ROOT / "tests" / "attack_probe.py"), str(out), str(spec_file)]
+    got = run_ranks(ROOT / "tests" / "attack_probe.py", out, spec_file, nproc)
+    return got["results"]
+
+
+def run_ranks(script: Path, out: Path, spec_file: Path, nproc: int, timeout: int = 600) -> dict:
+    """`script out spec_file` on `nproc` ranks started as torchrun starts them (its environment
+    variables, no launcher); returns what rank 0 saved to `out` (checked to hold "world")."""
+    import torch
     port = free_port()
     ranks = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for r in range(nproc)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env(), **extra}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for extra in ranks]
+    procs = [subprocess.Popen([sys.executable, str(script), str(out), str(spec_file)], cwd=ROOT,
+                              env={**env(), **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in ranks]
     try:
-        errors = [p.communicate(timeout=600)[1] for p in procs]
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -63,7 +70,19 @@ def probe_ranks(spec: dict, out: Path, nproc: int) -> dict:
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
     got = torch.load(out, weights_only=True)
     assert got["world"] == nproc
-    return got["results"]
+    return got
+
+
+def assert_probes_bit_identical(one: dict, two: dict, cases) -> None:
+    """attack_probe.py's results on 1 and 2 ranks: every case's rows, sent rows, aggregate,
+    Byzantine set and model bits the same."""
+    import torch
+    assert two.keys() == one.keys() == cases.keys()
+    for label in cases:
+        for key in ("rows", "sent", "aggregate", "byzantine", "sha"):
+            a, b = one[label][key], two[label][key]
+            same = torch.equal(a.view(torch.int32), b.view(torch.int32)) if torch.is_tensor(a) else a == b
+            assert same, f"{label}: {key} differs on 2 ranks"
 
 
 def _stderr(text: str) -> str:

@@ -11,7 +11,7 @@ from byzddp.attacks import AttackContext
 from byzddp.distributed import Topology
 from byzddp.errors import ConfigError
 from byzddp.exchange import Exchange
-from helpers import probe_ranks
+from helpers import assert_probes_bit_identical, probe_ranks
 
 N, F, D = 10, 2, 30
 BYZ = [8, 9]
@@ -166,10 +166,5 @@ def test_adaptive_changes_training_and_resumes_to_the_same_bits(one_rank):
 @pytest.mark.distributed
 def test_adaptive_is_bit_identical_on_one_and_two_ranks(one_rank, tmp_path):
     two = probe_ranks(SPEC, tmp_path / "adaptive2.pt", 2)
-    assert two.keys() == one_rank.keys() == CASES.keys()
-    for label in CASES:
-        for key in ("rows", "sent", "aggregate", "byzantine", "sha"):
-            a, b = one_rank[label][key], two[label][key]
-            same = torch.equal(a.view(torch.int32), b.view(torch.int32)) if torch.is_tensor(a) else a == b
-            assert same, f"{label}: {key} differs on 2 ranks"
+    assert_probes_bit_identical(one_rank, two, CASES)
     assert two["adaptive-cclip"]["resumed_sha"] == one_rank["adaptive-cclip"]["sha"]

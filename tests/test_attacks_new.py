@@ -14,7 +14,7 @@ from byzddp.attacks.base import pipeline_on
 from byzddp.attacks.fang import krum_lambda_bound
 from byzddp.distributed import Topology
 from byzddp.exchange import Exchange
-from helpers import probe_ranks
+from helpers import assert_probes_bit_identical, probe_ranks
 
 N, F, D = 10, 2, 40
 BYZ = [8, 9]
@@ -341,12 +341,7 @@ def test_new_attacks_change_training_and_follow_their_definitions(one_rank):
 @pytest.mark.distributed
 def test_new_attacks_are_bit_identical_on_one_and_two_ranks(one_rank, tmp_path):
     two = _probe_two_ranks(tmp_path)
-    assert two.keys() == one_rank.keys() == CASES.keys()
-    for label in CASES:
-        for key in ("rows", "sent", "aggregate", "byzantine", "sha"):
-            a, b = one_rank[label][key], two[label][key]
-            same = torch.equal(a.view(torch.int32), b.view(torch.int32)) if torch.is_tensor(a) else a == b
-            assert same, f"{label}: {key} differs on 2 ranks"
+    assert_probes_bit_identical(one_rank, two, CASES)
     assert two["rop-cclip"]["resumed_sha"] == one_rank["rop-cclip"]["sha"]
 
 

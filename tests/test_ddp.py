@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import ROOT, env, free_port
+from tests.helpers import ROOT, env, free_port, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -19,20 +19,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 def probe(tmp_path, nproc, spec):
     out, spec_file = tmp_path / "out.pt", tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_probe.py"), str(out), str(spec_file)],
-                              cwd=ROOT, env={**env(), "RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(r),
-                                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(nproc)]
-    try:
-        errors = [p.communicate(timeout=300)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
-    got = torch.load(out, weights_only=True)
-    assert got["world"] == nproc
+    got = run_ranks(ROOT / "tests" / "ddp_probe.py", out, spec_file, nproc, timeout=300)
     return got
 
 

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -13,15 +12,6 @@ from byzddp import cli, io
 from helpers import ROOT, TINY, env, metrics, summary
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
-
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """cli.main installs the stop handlers; a test must leave pytest's own in place."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def one_error_line(err: str) -> str:

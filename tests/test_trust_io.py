@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -19,18 +18,10 @@ import torch
 
 from byzddp import cli, config, data, datasets, io, logging, wandb_log, yamlio
 from byzddp.config import ConfigError
+import test_bad_input as bad_input
 from helpers import ROOT, TINY, env
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
-
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """cli.main installs the stop handlers; a test must leave pytest's own in place."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def strict(text: str):
@@ -40,21 +31,9 @@ def strict(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def cli_lines(capsys, args, log_dir):
-    code = cli.main.__wrapped__([*TINY, f"log.dir={log_dir}", *args])   # without @record's handler
-    err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip()]
-
-
 def assert_one_line(capsys, args, tmp_path, *words):
-    log_dir = tmp_path / "runs"
-    code, lines = cli_lines(capsys, args, log_dir)
-    assert code == 2, lines
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    assert not log_dir.exists() or not any(log_dir.iterdir())
-    return lines[0]
+    """test_bad_input's check (exit 2, one line naming the words, nothing under log.dir) on TINY runs."""
+    return bad_input.assert_one_line(capsys, [*TINY, *args], tmp_path, *words)
 
 
 # ---------------------------------------------------------------- YAML that expands without bound

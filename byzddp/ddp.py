@@ -108,7 +108,7 @@ class RobustHook:
     robust_hook(state=this, bucket); `mode` says which path a step takes."""
 
     def __init__(self, model, cfg, byzantine: List[int]):
-        self.model, self.cfg = model, cfg
+        self.cfg = cfg      # no reference to the model: DDP holds this state, so that would be a cycle
         self.group = model.process_group
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.byzantine = byzantine

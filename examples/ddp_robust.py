@@ -59,4 +59,7 @@ if rank == 0:
     same = all(torch.equal(s, sums[0]) for s in sums)
     print(f"rule={args.rule} attack={args.attack}: test accuracy {accuracy:.3f}, "
           f"parameters identical on all {world} ranks: {same}")
+# Free DDP's reducer before the process group: left to the interpreter's exit, gloo's threads
+# abort the process now and then ("terminate called without an active exception").
+del model, opt
 dist.destroy_process_group()

@@ -197,7 +197,7 @@ def claim(cfg, run_dir: Path, topo) -> Optional[RunFolder]:
 
 def finite_json(record: dict) -> dict:
     """`record` as strict JSON can hold it: JSON has no NaN or infinity, so a non-finite number
-    (a test loss of NaN, from Inf in the test features) becomes null, and `non_finite` maps
+    (the test loss of a diverged model) becomes null, and `non_finite` maps
     each such key (dotted into nested values) to what it was: "nan", "inf" or "-inf"."""
     found: dict = {}
 

@@ -10,7 +10,7 @@ from typing import Callable, Tuple, Union
 
 import torch
 
-from byzddp import aggregators
+from byzddp import aggregators, diagnostics
 from byzddp.aggregators import Aggregator, FunctionRule
 from byzddp.attacks.adaptive import mimic_targets
 from byzddp.attacks.omniscient import IPM, alie_z
@@ -147,11 +147,10 @@ def with_attack(g: torch.Tensor, byz: torch.Tensor) -> Tuple[torch.Tensor, torch
 
 
 def kappa(out: torch.Tensor, g: torch.Tensor) -> float:
-    """||F(x) - mean_H||^2 / ((1/|H|) sum_H ||x_i - mean_H||^2)  (Allouah et al. 2023)."""
-    g = g.to(torch.float64)
-    mean = g.mean(0)
-    variance = (g - mean).square().sum(1).mean()
-    return float((out.to(torch.float64) - mean).square().sum() / variance)
+    """||F(x) - mean_H||^2 / ((1/|H|) sum_H ||x_i - mean_H||^2)  (Allouah et al. 2023), the honest
+    rows g all of H: the server's own diagnostic (byzddp/diagnostics.py), inf or nan where it is."""
+    totals = diagnostics.sums(g, out, list(range(len(g))))
+    return float(totals[0] / (totals[1] / len(g)))
 
 
 def error_bound(g: torch.Tensor) -> float:

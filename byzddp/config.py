@@ -183,10 +183,6 @@ class Config:
 
 # ---------------------------------------------------------------------------- parsing
 
-def _yaml(text: str):
-    return read_yaml(text)
-
-
 def _fields(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -262,7 +258,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has no key; write it as dotted.key=value")
     try:
-        value = _yaml(raw) if raw != "" else ""
+        value = read_yaml(raw) if raw != "" else ""
     except YAMLExpansionError as e:
         raise ConfigError(f"override '{key}=...': {e}") from None
     except yaml.YAMLError:
@@ -329,7 +325,7 @@ def _file_tree(path: Optional[str | Path]) -> dict:
         except OSError as e:
             raise ConfigError(f"config file {path} cannot be read ({e.strerror}); check its permissions") from None
         try:
-            tree = _yaml(text)
+            tree = read_yaml(text)
         except (_DuplicateKey, YAMLExpansionError) as e:
             raise ConfigError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
